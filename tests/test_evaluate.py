@@ -1,0 +1,165 @@
+"""The evaluation harness on the tiny random llama: generation, base vs adapter, files, bootstrap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fingrpo.config import load_config
+from fingrpo.dsl import program_to_tokens
+from fingrpo.evaluate import bootstrap_ci, evaluate_from_config, generate_completions, score_files
+
+ACCURACY_KEYS = ("execution_accuracy", "tolerant_accuracy", "program_accuracy", "format_rate")
+
+
+def _make_adapter(model_path: Path, out: Path, *, perturb: bool) -> Path:
+    """A LoRA adapter for the tiny model; ``perturb=False`` keeps peft's init (B = 0: the same function)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    if perturb:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 2.0)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _config(tmp_path: Path, model_path: Path, data_dir: Path, adapter: Path, **evaluate):
+    return load_config(None, {
+        "data": {"train_path": str(data_dir / "train.json"), "dev_path": str(data_dir / "dev.json"),
+                 "test_path": str(data_dir / "test.json"), "provenance_path": str(data_dir / "provenance.json")},
+        "model": {"name_or_path": str(model_path), "cache_dir": str(tmp_path / "cache")},
+        "prompt": {"few_shot": 0, "context_mode": "gold", "max_prompt_tokens": 512},
+        "train": {"output_dir": str(adapter)},
+        "evaluate": {"splits": ["dev", "test"], "max_records": 3, "max_new_tokens": 6, "batch_size": 2,
+                     "bootstrap_samples": 50, "output_path": str(tmp_path / "reports" / "eval.json"),
+                     "predictions_path": str(tmp_path / "reports" / "predictions.jsonl"), **evaluate},
+    })
+
+
+@pytest.fixture(scope="module")
+def zero_adapter(tiny_model_path, tmp_path_factory) -> Path:
+    return _make_adapter(tiny_model_path, tmp_path_factory.mktemp("adapter-zero"), perturb=False)
+
+
+def test_identical_models_give_identical_numbers_and_full_structure(tmp_path, tiny_model_path, data_dir, zero_adapter):
+    cfg = _config(tmp_path, tiny_model_path, data_dir, zero_adapter)
+    result = evaluate_from_config(cfg)
+
+    written = json.loads(Path(cfg.evaluate.output_path).read_text())
+    assert written == json.loads(json.dumps(result))
+    assert set(written) == {"dev", "test", "summary"}
+    for split in ("dev", "test"):
+        assert set(written[split]) == {"adapter", "base"}
+        adapter, base = written[split]["adapter"], written[split]["base"]
+        for body in (adapter, base):
+            assert body["n"] == 3
+            for key in ACCURACY_KEYS:
+                assert 0.0 <= body[key] <= 1.0
+                lo, hi = body[f"{key}_ci"]
+                assert lo <= body[key] <= hi
+            assert set(body["rewards"]) == set(cfg.rewards.weights)
+            assert set(body["random_subset"]) >= {"n", *ACCURACY_KEYS}
+        # LoRA's B = 0 at init: the adapter is the base model, so every number must agree
+        assert adapter == base
+    assert written["summary"]["dev.adapter.execution_accuracy"] == written["dev"]["adapter"]["execution_accuracy"]
+    assert written["summary"]["adapter_dir"] == str(zero_adapter)
+    # the random subset of dev: the first records of dev.json come from the random sample or not
+    from fingrpo.data.finqa import load_split, random_subset_ids
+
+    subset = random_subset_ids(data_dir / "provenance.json", "dev")
+    first = [r.id for r in load_split(data_dir / "dev.json")[:3]]
+    assert written["dev"]["adapter"]["random_subset"]["n"] == sum(i in subset for i in first)
+
+    rows = [json.loads(line) for line in Path(cfg.evaluate.predictions_path).read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 3  # splits x models x records
+    needed = {"id", "split", "model", "completion", "program", "answer", "correct_official", "correct_tolerant",
+              "program_correct", "rewards"}
+    assert all(needed <= set(r) for r in rows)
+    by_model = {m: [r["completion"] for r in rows if r["model"] == m] for m in ("adapter", "base")}
+    assert by_model["adapter"] == by_model["base"]
+    assert all(len(c) <= cfg.evaluate.max_new_tokens for c in by_model["base"])  # one char per token
+
+
+def test_base_is_the_model_without_adapter(tmp_path, tiny_model_path, data_dir):
+    """A trained (perturbed) adapter changes outputs; the "base" rows equal the bare model's outputs."""
+    from fingrpo.data.finqa import load_split, make_examples, render_prompt
+    from fingrpo.model import load_model_and_tokenizer
+
+    adapter = _make_adapter(tiny_model_path, tmp_path / "adapter", perturb=True)
+    cfg = _config(tmp_path, tiny_model_path, data_dir, adapter, splits=["dev"], max_new_tokens=12)
+    evaluate_from_config(cfg, adapter_dir=str(adapter))
+    rows = [json.loads(line) for line in Path(cfg.evaluate.predictions_path).read_text().splitlines()]
+    base_rows = [r["completion"] for r in rows if r["model"] == "base"]
+    adapter_rows = [r["completion"] for r in rows if r["model"] == "adapter"]
+
+    model, tok = load_model_and_tokenizer(cfg.model)
+    examples = make_examples(load_split(cfg.data.dev_path)[:3], cfg.prompt, tok)
+    prompts = [render_prompt(e, tok, cfg.prompt.use_chat_template) for e in examples]
+    plain = generate_completions(model, tok, prompts, max_new_tokens=12, batch_size=2, progress=False)
+    assert base_rows == plain
+    assert adapter_rows != base_rows
+
+
+def test_generate_completions_is_greedy_and_batch_independent(tiny_model_path):
+    from fingrpo.config import ModelConfig
+    from fingrpo.model import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_path)))
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ["What is 2 + 2?", "Revenue grew from 120 to 150; by what percent?", "hi"]]
+    one = generate_completions(model, tok, prompts, max_new_tokens=10, batch_size=1, progress=False)
+    batched = generate_completions(model, tok, prompts, max_new_tokens=10, batch_size=3, progress=False)
+    again = generate_completions(model, tok, prompts, max_new_tokens=10, batch_size=3, progress=False)
+    assert one == batched == again  # left padding: a prompt's completion does not depend on its batch
+    assert all(isinstance(c, str) and len(c) <= 10 for c in one)
+    assert "<|im_end|>" not in "".join(one)
+    assert tok.padding_side == "left"
+    assert generate_completions(model, tok, [], max_new_tokens=4, batch_size=2) == []
+
+
+def test_gold_predictions_file_scores_one(tmp_path, data_dir):
+    """A predictions JSONL (the harness's own format) whose programs are gold scores 1.0."""
+    records = json.loads((data_dir / "dev.json").read_text())
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(
+        json.dumps({"id": r["id"], "split": "dev", "model": "gold",
+                    "completion": f"Program: {r['qa']['program']}\nAnswer: {r['qa']['exe_ans']}",
+                    "program": r["qa"]["program"]}) + "\n"
+        for r in records
+    ))
+    result = score_files(path, data_dir / "dev.json")
+    assert result["n"] == 457
+    assert result["execution_accuracy"] == 1.0
+    assert result["program_accuracy"] == 1.0
+    assert result["tolerant_accuracy"] == 1.0
+    assert result["format_rate"] == 1.0
+    # and the official-token version of the same programs
+    official = tmp_path / "official.json"
+    official.write_text(json.dumps([{"id": r["id"], "predicted": program_to_tokens(r["qa"]["program"])} for r in records]))
+    assert score_files(official, data_dir / "dev.json")["execution_accuracy"] == 1.0
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
+    values = [1.0] * 30 + [0.0] * 70
+    lo, hi = bootstrap_ci(values, samples=500, seed=3)
+    assert (lo, hi) == tuple(bootstrap_ci(values, samples=500, seed=3))
+    assert lo < 0.3 < hi and 0.15 < lo and hi < 0.45
+    assert bootstrap_ci([], samples=100) == [None, None]
+
+
+def test_missing_adapter_is_a_model_error(tmp_path, tiny_model_path, data_dir):
+    from fingrpo.errors import ModelError
+
+    cfg = _config(tmp_path, tiny_model_path, data_dir, tmp_path / "no-adapter")
+    with pytest.raises(ModelError, match="adapter folder not found"):
+        evaluate_from_config(cfg)
+    assert not Path(cfg.evaluate.output_path).exists()
