@@ -1,0 +1,28 @@
+"""FinQA data: records, loading and prompts (:mod:`fingrpo.data.finqa`); validation
+(:mod:`fingrpo.data.validate`, imported on use: it pulls in Great Expectations)."""
+
+from fingrpo.data.finqa import (
+    FinancialJSONDataLoader,
+    FinQAQA,
+    FinQARecord,
+    PromptExample,
+    linearize_table,
+    load_provenance,
+    load_split,
+    make_examples,
+    random_subset_ids,
+    render_prompt,
+)
+
+__all__ = [
+    "FinancialJSONDataLoader",
+    "FinQAQA",
+    "FinQARecord",
+    "PromptExample",
+    "linearize_table",
+    "load_provenance",
+    "load_split",
+    "make_examples",
+    "random_subset_ids",
+    "render_prompt",
+]
