@@ -46,6 +46,9 @@ class PromptConfig(_Section):
     )
     few_shot: int = Field(2, ge=0, le=8, description="worked examples (from the train split) shown before the question")
     use_chat_template: bool = Field(True, description="wrap the prompt with the tokenizer's chat template")
+    table_format: Literal["linearized", "markdown"] = Field(
+        "linearized", description="table in context_mode=full: FinQA row sentences (gold_inds style) or a markdown table"
+    )
 
 
 class ModelConfig(_Section):
@@ -83,7 +86,10 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(2, ge=0, description="linear warm-up steps before the cosine decay")
     lr_scheduler: Literal["cosine", "constant", "linear"] = Field("cosine", description="schedule after warm-up")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping (L2 norm)")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="rollout batches accumulated per optimizer step")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="rollout micro-batches per step (memory): the step's prompts are sampled and back-propagated "
+        "in this many chunks, gradients accumulated into one update"
+    )
     num_iterations: int = Field(1, ge=1, description="mu: policy updates per rollout batch (reuse stored old log-probs)")
     epsilon: float = Field(0.2, gt=0.0, description="lower clip range of the policy ratio")
     epsilon_high: float | None = Field(None, description="upper clip range (None: same as epsilon; DAPO uses 0.28)")
@@ -99,6 +105,11 @@ class TrainConfig(_Section):
     output_dir: str = Field("models/adapter", description="final LoRA adapter + tokenizer + resolved config")
     checkpoint_dir: str = Field("models/checkpoints", description="resumable checkpoints (adapter, optimizer, RNG)")
     metrics_path: str = Field("reports/train_metrics.csv", description="one row of metrics per step")
+    rollout_rewards_path: str = Field(
+        "reports/rollout_rewards.jsonl",
+        description="per-completion rewards of every step (JSONL: step, reward/<name>, total, completion_lengths)",
+    )
+    keep_checkpoints: int | None = Field(3, ge=1, description="newest checkpoints kept in checkpoint_dir (None: all)")
     max_train_records: int | None = Field(None, ge=1, description="use only the first N train records (None: all)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
 
@@ -118,6 +129,10 @@ class RewardsConfig(_Section):
     )
     rel_tolerance: float = Field(1e-3, ge=0.0, description="relative tolerance of the tolerant answer match")
     nan_value: float = Field(0.0, description="value given to a completion whose reward raised or was not finite")
+    program_partial_credit: float = Field(
+        0.1, ge=0.0, lt=1.0, description="program_execution reward of a program that runs but gives a wrong value"
+    )
+    random_seed: int = Field(0, description="seed of the 'random' control reward's uniform stream")
 
 
 class EvaluateConfig(_Section):
@@ -127,6 +142,10 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(8, ge=1, description="records generated together")
     compare_base: bool = Field(True, description="also evaluate the base model (adapter off) under the same harness")
     bootstrap_samples: int = Field(1000, ge=10, description="bootstrap resamples for 95% intervals")
+    bootstrap_seed: int = Field(0, description="seed of the bootstrap resampling (same intervals on every run)")
+    rel_tolerance: float = Field(
+        1e-3, ge=0.0, description="relative tolerance of tolerant_accuracy (percent x100/÷100 also accepted)"
+    )
     output_path: str = Field("reports/eval.json", description="metrics JSON (declared in dvc.yaml)")
     predictions_path: str = Field("reports/predictions.jsonl", description="one prediction per line")
 
@@ -144,6 +163,28 @@ class TrackingConfig(_Section):
     )
     experiment_name: str = Field("fingrpo-finqa", description="MLflow experiment")
     enabled: bool = Field(True, description="log runs to MLflow")
+    artifact_location: str | None = Field(
+        None,
+        description="artifact root of a NEW experiment (None: <folder of the SQLite db>/mlartifacts for sqlite "
+        "URIs, the server's default otherwise)",
+    )
+    run_file: str = Field(
+        "reports/mlflow_run.json", description="run id written by train, read by evaluate/plot/promote (same run)"
+    )
+    timeout_s: float = Field(5.0, gt=0.0, description="timeout of the server health check before training")
+    retries: int = Field(3, ge=1, description="attempts of each tracking call on a transient error")
+    retry_backoff_s: float = Field(0.5, ge=0.0, description="first retry delay; doubles on each attempt")
+
+
+class PipelineConfig(_Section):
+    """Files the orchestration layer (``fingrpo.pipeline``, dvc.yaml, flows/) writes itself."""
+
+    reports_dir: str = Field("reports", description="validation.json and the Great Expectations data docs go here")
+    data_docs: bool = Field(True, description="render the Great Expectations HTML data docs during validation")
+    train_summary_path: str = Field(
+        "reports/train.json", description="final training figures (reward, loss, steps): a dvc metrics file"
+    )
+    plots_dir: str = Field("reports/plots", description="PNG plots of the plot stage (a dvc plots folder)")
 
 
 # `register` is also ABCMeta.register on the class; on instances the field wins, so silence the warning.
@@ -162,6 +203,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
