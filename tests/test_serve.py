@@ -1,0 +1,132 @@
+"""Real MLflow processes (slow; CI runs them with `pytest -m slow`):
+
+- ``mlflow models serve -m models:/fingrpo-finqa@champion --env-manager local`` answers a FinQA record
+  POSTed to ``/invocations``;
+- the whole tracking flow (callback -> evaluation -> promotion) against a real ``mlflow server``.
+
+Servers start in their own session (``start_new_session``, i.e. setsid) and the whole process group is
+stopped in a ``finally``: they spawn workers that would otherwise outlive the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from test_tracking import _free_port, _promote, _template_db, adapter_dir, make_cfg  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _start(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process in _stop
+    # the venv's bin first: `mlflow models serve` execs `uvicorn` by name (exit 127 without it on PATH)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **env}
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # setsid: its own process group
+    proc._log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        proc._log.close()  # type: ignore[attr-defined]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} not up after {timeout}s:\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+def test_models_serve_answers_a_finqa_record(tmp_path, adapter_dir, tiny_model_path, data_dir):  # noqa: F811
+    cfg, decision = _promote(tmp_path, adapter_dir, tiny_model_path, 0.4)
+    assert decision["decision"] == "promoted"
+    rec = json.loads((data_dir / "dev.json").read_text())[3]
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    env = {"MLFLOW_TRACKING_URI": cfg.tracking.tracking_uri, "MLFLOW_REGISTRY_URI": cfg.tracking.tracking_uri,
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = _start([str(BIN / "mlflow"), "models", "serve", "-m", "models:/fingrpo-finqa@champion",
+                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env, log_path)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/ping", proc, log_path)
+        row = {"id": rec["id"], "question": rec["qa"]["question"], "pre_text": rec["pre_text"],
+               "post_text": rec["post_text"], "table": rec["table"], "gold_inds": rec["qa"]["gold_inds"]}
+        body = json.dumps({"dataframe_records": [row]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            answer = json.loads(resp.read())
+    finally:
+        _stop(proc)
+    (pred,) = answer["predictions"]
+    assert set(pred) == {"id", "completion", "program", "answer", "answer_value", "value", "context_mode"}
+    assert pred["id"] == rec["id"] and isinstance(pred["completion"], str) and pred["context_mode"] == "gold"
+    assert pred["value"] is None or isinstance(pred["value"], (int, float, str))
+
+
+def test_tracking_flow_against_a_real_mlflow_server(tmp_path, adapter_dir, tiny_model_path):  # noqa: F811
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from fingrpo.tracking import MLflowCallback, log_evaluation, promote_from_config
+
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = _start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                   "--artifacts-destination", str(tmp_path / "server-artifacts"),
+                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env, log_path)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, log_path, timeout=120)
+        uri = f"http://127.0.0.1:{port}"
+        cfg = make_cfg(tmp_path, model_path=tiny_model_path, tracking={"tracking_uri": uri})
+        shutil.copytree(adapter_dir, cfg.train.output_dir)
+        cb = MLflowCallback(cfg)
+        cb.on_train_begin(SimpleNamespace(config=cfg))
+        cb.on_step_end(1, {"loss": 0.7, "reward/mean": 0.2})
+        cb.on_train_end({"steps": 1})
+        result = {"dev": {"adapter": {"execution_accuracy": 0.35}}}
+        Path(cfg.evaluate.output_path).write_text(json.dumps(result))
+        assert log_evaluation(cfg, result) == cb.run_id
+        decision = promote_from_config(cfg)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        run = client.get_run(cb.run_id)
+        champion = client.get_model_version_by_alias("fingrpo-finqa", "champion")
+    finally:
+        _stop(proc)
+    assert decision["decision"] == "promoted" and decision["tracking_uri"] == uri
+    assert run.data.metrics["dev.adapter.execution_accuracy"] == 0.35 and run.data.metrics["reward/mean"] == 0.2
+    assert str(champion.version) == "1" and champion.run_id == cb.run_id
+    assert (tmp_path / "server-artifacts").is_dir()  # artifacts went through the server, not to local disk
