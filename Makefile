@@ -10,6 +10,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
+# dvc stages call `fingrpo ...`: the venv's bin must be on PATH without activating it
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install data run test test-fast clean
 

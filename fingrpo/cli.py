@@ -7,9 +7,10 @@
     fingrpo promote
     fingrpo score --predictions preds.json --data data/finqa/test.json
 
-Each handler reads its inputs, calls one library function and writes its outputs; errors a user can
-act on (:class:`fingrpo.errors.FingrpoError`) are printed on one line and give a non-zero exit code.
-Heavy libraries are imported inside the handlers so ``fingrpo --help`` answers fast.
+Each handler builds the config (params.yaml + ``--set`` overrides) and calls one stage function of
+:mod:`fingrpo.pipeline` (the same functions the Prefect flow's tasks call); errors a user can act on
+(:class:`fingrpo.errors.FingrpoError`) are printed on one line and exit with code 2. Heavy libraries
+are imported inside the handlers so ``fingrpo --help`` answers fast.
 """
 
 from __future__ import annotations
@@ -32,57 +33,64 @@ _DEFAULT_ENV = {
 }
 
 
-def _config(args):
-    from fingrpo.config import load_config
+def _config(args, extra: dict | None = None):
+    from fingrpo.config import load_config, parse_overrides
 
-    return load_config(args.params, args.overrides)
+    overrides = parse_overrides(args.overrides)
+    for section, values in (extra or {}).items():
+        overrides.setdefault(section, {}).update(values)
+    return load_config(args.params, overrides)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
 
 
 def cmd_validate(args) -> int:
-    from fingrpo.data.validate import run_validation
+    from fingrpo import pipeline
 
-    cfg = _config(args)
-    files = args.files or [cfg.data.train_path, cfg.data.dev_path, cfg.data.test_path]
-    return run_validation(files, report_dir=args.report_dir, data_docs=not args.no_data_docs)
+    extra: dict = {}
+    if args.report_dir is not None:
+        extra["reports_dir"] = args.report_dir
+    if args.no_data_docs:
+        extra["data_docs"] = False
+    return pipeline.validate_stage(_config(args, {"pipeline": extra}), files=args.files or None)
 
 
 def cmd_score(args) -> int:
     from fingrpo.evaluate import score_files
 
-    result = score_files(args.predictions, args.data)
-    print(json.dumps(result, indent=2))
+    _print_json(score_files(args.predictions, args.data))
     return 0
 
 
 def cmd_train(args) -> int:
-    from fingrpo.grpo.trainer import train_from_config
+    from fingrpo import pipeline
 
-    summary = train_from_config(_config(args), resume=args.resume)
-    print(json.dumps(summary, indent=2, default=str))
+    _print_json(pipeline.train_stage(_config(args), resume=args.resume))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from fingrpo.evaluate import evaluate_from_config
+    from fingrpo import pipeline
 
-    result = evaluate_from_config(_config(args), adapter_dir=args.adapter)
-    print(json.dumps(result.get("summary", result), indent=2, default=str))
+    result = pipeline.evaluate_stage(_config(args), adapter_dir=args.adapter)
+    _print_json(result.get("summary", result) if isinstance(result, dict) else result)
     return 0
 
 
 def cmd_plot(args) -> int:
-    from fingrpo.plots import plot_from_config
+    from fingrpo import pipeline
 
-    for path in plot_from_config(_config(args)):
+    for path in pipeline.plot_stage(_config(args)):
         print(path)
     return 0
 
 
 def cmd_promote(args) -> int:
-    from fingrpo.tracking import promote_from_config
+    from fingrpo import pipeline
 
-    decision = promote_from_config(_config(args))
-    print(json.dumps(decision, indent=2, default=str))
+    _print_json(pipeline.promote_stage(_config(args)))
     return 0
 
 
@@ -99,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", parents=[common], help="Great Expectations + program re-execution checks on FinQA splits")
     p.add_argument("files", nargs="*", help="FinQA JSON files (default: the data section's three splits)")
-    p.add_argument("--report-dir", default="reports", help="where validation.json and the data docs go")
+    p.add_argument("--report-dir", default=None, help="where validation.json and the data docs go (default: pipeline.reports_dir)")
     p.add_argument("--no-data-docs", action="store_true", help="skip the Great Expectations HTML data docs")
     p.set_defaults(func=cmd_validate)
 

@@ -1,0 +1,170 @@
+"""The pipeline's stage functions: the one place where a stage's work is wired together.
+
+Both orchestrators call these and nothing else: the ``fingrpo`` CLI (what ``dvc.yaml`` runs, one
+sub-command per stage) and the Prefect flow ``flows/retrain.py`` (one task per stage). A stage reads
+its config, calls one library function, hands the result to MLflow, and returns what it wrote::
+
+    from fingrpo.config import load_config
+    from fingrpo import pipeline
+
+    cfg = load_config("params.yaml", ["train.max_steps=2"])
+    assert pipeline.validate_stage(cfg) == 0      # reports/validation.json
+    pipeline.train_stage(cfg)                     # models/adapter, reports/train_metrics.csv, reports/train.json
+    pipeline.evaluate_stage(cfg)                  # reports/eval.json, reports/predictions.jsonl
+    pipeline.plot_stage(cfg)                      # PNGs
+    pipeline.promote_stage(cfg)                   # registry version, maybe 'champion'; reports/promotion.json
+
+Order matters and is the orchestrators' job (dvc.yaml deps, the flow's task order): promotion is last,
+so a failure anywhere earlier never touches the champion. This module imports no orchestrator, and
+heavy libraries only inside the functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fingrpo.errors import DataError
+from fingrpo.io import write_json_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fingrpo.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def split_paths(cfg: "Config") -> list[str]:
+    """The data section's three splits, in train/dev/test order.
+
+    >>> from fingrpo.config import load_config
+    >>> split_paths(load_config(None))
+    ['data/finqa/train.json', 'data/finqa/dev.json', 'data/finqa/test.json']
+    """
+    return [cfg.data.train_path, cfg.data.dev_path, cfg.data.test_path]
+
+
+def validate_stage(cfg: "Config", files: list[str] | None = None) -> int:
+    """Great Expectations + program re-execution checks; returns the exit code (0: every check passed).
+
+    Writes ``<pipeline.reports_dir>/validation.json`` (and the data docs when ``pipeline.data_docs``).
+    ``files`` defaults to the data section's three splits.
+    """
+    from fingrpo.data.validate import run_validation
+
+    files = list(files) if files else split_paths(cfg)
+    return int(run_validation(files, report_dir=cfg.pipeline.reports_dir, data_docs=cfg.pipeline.data_docs))
+
+
+def require_valid(cfg: "Config", files: list[str] | None = None) -> int:
+    """:func:`validate_stage`, but a failed validation raises :class:`DataError` (for the flow)."""
+    code = validate_stage(cfg, files)
+    if code != 0:
+        report = Path(cfg.pipeline.reports_dir) / "validation.json"
+        raise DataError(f"data validation failed (exit code {code}): see {report}")
+    return code
+
+
+def _train_summary_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The numeric, finite figures of the trainer's summary, nested dicts kept (what ``dvc metrics`` shows).
+
+    >>> _train_summary_metrics({"steps": 2, "reward_mean": 0.5, "loss": float("nan"), "output_dir": "m"})
+    {'steps': 2, 'reward_mean': 0.5}
+    """
+    out: dict[str, Any] = {}
+    for key, value in summary.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[key] = value
+        elif isinstance(value, dict):
+            nested = _train_summary_metrics(value)
+            if nested:
+                out[key] = nested
+    return out
+
+
+def clear_checkpoints(checkpoint_dir: str | Path, prefix: str = "step-") -> int:
+    """Remove the ``<prefix><n>`` checkpoint folders of an earlier training; returns how many.
+
+    A fresh (non-resume) training must not leave an older run's checkpoints beside its own: a later
+    ``--resume`` picks the highest step, and pruning keeps the highest steps, so a stale ``step-20``
+    would win over a new run's ``step-2``. Other files in the folder are left alone.
+    """
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return 0
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
+    for path in stale:
+        shutil.rmtree(path)
+    if stale:
+        log.info("fresh training: removed %d checkpoint(s) of an earlier run from %s", len(stale), root)
+    return len(stale)
+
+
+def train_stage(cfg: "Config", resume: bool = False) -> dict:
+    """GRPO + LoRA training, logged to MLflow when ``tracking.enabled``; returns the trainer's summary.
+
+    The tracking server is checked *before* the model loads, so an unreachable server fails in a second
+    (:class:`fingrpo.errors.TrackingError`), not after an hour of training. The numeric part of the
+    summary is also written to ``pipeline.train_summary_path`` (a ``dvc metrics`` file). Without
+    ``resume`` the previous run's checkpoints are removed first (:func:`clear_checkpoints`).
+    """
+    from fingrpo.grpo import trainer
+
+    callbacks = []
+    if cfg.tracking.enabled:
+        from fingrpo import tracking
+
+        tracking.check_tracking(cfg)
+        callbacks.append(tracking.MLflowCallback(cfg))
+    if not resume:
+        clear_checkpoints(cfg.train.checkpoint_dir, getattr(trainer, "CHECKPOINT_PREFIX", "step-"))
+    started = time.perf_counter()
+    summary = dict(trainer.train_from_config(cfg, resume=resume, callbacks=callbacks) or {})
+    metrics = _train_summary_metrics(summary)
+    metrics.setdefault("wall_seconds", round(time.perf_counter() - started, 3))
+    write_json_atomic(cfg.pipeline.train_summary_path, metrics)
+    return summary
+
+
+def evaluate_stage(cfg: "Config", adapter_dir: str | None = None) -> dict:
+    """Greedy evaluation (base vs adapter) -> ``evaluate.output_path``; logged to the training's MLflow run."""
+    from fingrpo.evaluate import evaluate_from_config
+
+    result = evaluate_from_config(cfg, adapter_dir=adapter_dir)
+    if cfg.tracking.enabled:
+        from fingrpo import tracking
+
+        tracking.log_evaluation(cfg, result)
+    return result
+
+
+def plot_stage(cfg: "Config") -> list[Path]:
+    """PNG plots (``pipeline.plots_dir``) from the training metrics and the evaluation; logged to MLflow."""
+    from fingrpo.plots import plot_from_config
+
+    paths = [Path(p) for p in plot_from_config(cfg, output_dir=cfg.pipeline.plots_dir)]
+    if cfg.tracking.enabled:
+        from fingrpo import tracking
+
+        tracking.log_plots(cfg, paths)
+    return paths
+
+
+def promote_stage(cfg: "Config") -> dict:
+    """Register the adapter as a new model version; move ``champion`` only if it beats the current one.
+
+    Returns the decision (also written to ``register.output_path``). Needs tracking: promotion is a
+    registry operation, so ``tracking.enabled: false`` is a :class:`fingrpo.errors.ConfigError`.
+    """
+    from fingrpo.errors import ConfigError
+
+    if not cfg.tracking.enabled:
+        raise ConfigError("register: promotion needs the MLflow registry, but tracking.enabled is false")
+    from fingrpo.tracking import promote_from_config
+
+    return promote_from_config(cfg)

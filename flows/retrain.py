@@ -1,0 +1,192 @@
+"""Prefect flow ``retrain``: validate -> train -> evaluate -> plot -> promote, for scheduled retraining.
+
+Each task calls one stage function of :mod:`fingrpo.pipeline` (the same ones ``dvc repro`` runs
+through the ``fingrpo`` CLI) and has no logic of its own. Run it once, in-process::
+
+    python flows/retrain.py                                     # params.yaml as it is
+    python flows/retrain.py --set train.max_steps=2 --set evaluate.max_records=8
+
+    from flows.retrain import retrain                           # from Python
+    retrain(overrides={"train.max_steps": 2}, resume=False)
+
+or on a cron schedule against a Prefect server (``flows/deploy.py``, README "Scheduled retraining").
+
+Why it is shaped like this:
+- Promotion is the last task and the tasks are called (not submitted), so any failure raises and
+  ends the flow before ``promote``: a failed run never moves the ``champion`` alias.
+- Tasks that talk to MLflow retry (``retries=2``) after a delay, but only on tracking/connection
+  errors: a data error or a diverging training would fail the same way again.
+- ``cache_policy=NONE`` everywhere: stages write files and registry entries (caching their results
+  would skip real work), and their inputs (a config, result dicts) are not worth hashing.
+- A markdown artifact summarises each run (metrics table, promotion decision) in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from fingrpo import pipeline
+from fingrpo.config import Config, load_config, parse_overrides
+
+# Seconds between retries of tracking-touching tasks (a restarting MLflow server needs ~5-30 s).
+RETRY_DELAY_S = float(os.environ.get("FINGRPO_RETRY_DELAY_S", "20"))
+RETRIES = 2
+
+
+def _is_transient(task, task_run, state) -> bool:
+    """Retry only failures a second attempt can fix: tracking server / network trouble."""
+    from fingrpo.errors import TrackingError
+
+    exc = getattr(state, "data", None)
+    if not isinstance(exc, BaseException):
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # pragma: no cover - unreadable result: do not retry blindly
+            return False
+    if isinstance(exc, (TrackingError, ConnectionError, TimeoutError)):
+        return True
+    # MLflow's own errors: the tracking module's classification (unavailable server, locked SQLite, ...)
+    from fingrpo.tracking import _is_transient as transient_tracking_error
+
+    return isinstance(exc, Exception) and transient_tracking_error(exc)
+
+
+_TRACKED = dict(
+    cache_policy=NONE, retries=RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_is_transient
+)
+
+
+@task(name="validate", cache_policy=NONE)
+def validate_task(cfg: Config) -> int:
+    return pipeline.require_valid(cfg)
+
+
+@task(name="train", **_TRACKED)
+def train_task(cfg: Config, resume: bool = False) -> dict:
+    return pipeline.train_stage(cfg, resume=resume)
+
+
+@task(name="evaluate", **_TRACKED)
+def evaluate_task(cfg: Config) -> dict:
+    return pipeline.evaluate_stage(cfg)
+
+
+@task(name="plot", **_TRACKED)
+def plot_task(cfg: Config) -> list[str]:
+    return [str(p) for p in pipeline.plot_stage(cfg)]
+
+
+@task(name="promote", **_TRACKED)
+def promote_task(cfg: Config) -> dict:
+    return pipeline.promote_stage(cfg)
+
+
+def normalize_overrides(overrides: dict | list | None) -> dict:
+    """Flow parameter -> nested override dict. Accepts dotted keys, nested dicts, or ``k=v`` strings.
+
+    >>> normalize_overrides({"train.max_steps": 2, "evaluate": {"max_records": 4}})
+    {'train': {'max_steps': 2}, 'evaluate': {'max_records': 4}}
+    >>> normalize_overrides(["train.max_steps=3"])
+    {'train': {'max_steps': 3}}
+    """
+    if not overrides:
+        return {}
+    if isinstance(overrides, (list, tuple)):
+        return parse_overrides(list(overrides))
+    tree: dict = {}
+    for key, value in overrides.items():
+        node = tree
+        *parents, leaf = str(key).split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf].update(value)
+        else:
+            node[leaf] = value
+    return tree
+
+
+def _numeric_leaves(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """``{"dev": {"adapter": {"execution_accuracy": 0.2}}}`` -> ``[("dev.adapter.execution_accuracy", 0.2)]``."""
+    out: list[tuple[str, float]] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _numeric_leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out.append((prefix, float(obj)))
+    return out
+
+
+def summary_markdown(train: dict, evaluation: dict, plots: list[str], promotion: dict) -> str:
+    """The run's markdown artifact: headline metrics, the promotion decision, the files written."""
+    lines = ["# fingrpo retrain", "", "## Evaluation", "", "| metric | value |", "|---|---|"]
+    def interesting(key: str) -> bool:  # accuracies, format rate, reward totals, record counts
+        leaf = key.rsplit(".", 1)[-1]
+        return leaf.endswith("accuracy") or leaf in ("n", "format_rate") or leaf.startswith("reward_total")
+
+    rows = [(k, v) for k, v in _numeric_leaves(evaluation) if interesting(k) and not k.startswith("summary.")]
+    for key, value in rows[:40]:
+        lines.append(f"| `{key}` | {value:.4g} |")
+    lines += ["", "## Training", "", "| metric | value |", "|---|---|"]
+    for key, value in _numeric_leaves(train)[:20]:
+        lines.append(f"| `{key}` | {value:.4g} |")
+    lines += ["", "## Promotion", "", "| field | value |", "|---|---|"]
+    for key, value in promotion.items():
+        if isinstance(value, dict):  # challenger / previous_champion / champion: version and value
+            lines += [f"| {key}.{k} | {v} |" for k, v in value.items() if not isinstance(v, (dict, list))]
+        elif not isinstance(value, list):
+            lines.append(f"| {key} | {value} |")
+    lines += ["", "## Plots", ""] + [f"- `{p}`" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(params_path: str = "params.yaml", overrides: dict | None = None, resume: bool = False) -> dict:
+    """Validate the data, train, evaluate, plot, and promote the adapter if it beats the champion.
+
+    ``overrides`` replace params.yaml values for this run: ``{"train.max_steps": 2}`` or nested.
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    logger = get_run_logger()
+    cfg = load_config(params_path, normalize_overrides(overrides))
+    logger.info("config: %s", cfg.model_dump())
+
+    validate_task(cfg)
+    train = train_task(cfg, resume=resume)
+    evaluation = evaluate_task(cfg)
+    plots = plot_task(cfg)
+    promotion = promote_task(cfg)  # last: reached only if every stage above succeeded
+
+    create_markdown_artifact(
+        markdown=summary_markdown(train, evaluation, plots, promotion),
+        key="fingrpo-retrain-summary",
+        description="fingrpo retrain: metrics and promotion decision",
+    )
+    return {"train": train, "evaluation": evaluation, "plots": plots, "promotion": promotion}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the retrain flow once, in-process.")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
+    args = parser.parse_args(argv)
+    from fingrpo.errors import FingrpoError
+
+    try:
+        retrain(params_path=args.params, overrides=parse_overrides(args.overrides), resume=args.resume)
+    except FingrpoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
