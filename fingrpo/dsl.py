@@ -260,7 +260,10 @@ class _Parser:
         if not text:
             raise ProgramSyntaxError(f"missing argument of {op}", start)
         if m := _STEP_REF.fullmatch(text):
-            k = int(m.group(1))
+            digits = m.group(1).lstrip("0") or "0"
+            if len(digits) > 9:  # no program has 10**9 steps; int() of > 4300 digits would raise ValueError
+                raise StepReferenceError(f"#{digits[:12]}... refers to step {digits[:12]}... but only {index} steps precede it", start)
+            k = int(digits)
             if k >= index:
                 raise StepReferenceError(
                     f"#{k} refers to step {k} but only {index} step{'s' if index != 1 else ''} precede{'s' if index == 1 else ''} it",

@@ -379,7 +379,7 @@ def load_predictions(path: str | Path) -> tuple[list[dict], str]:
             entries = json.loads(text)  # one object (a one-line JSONL file), or not predictions at all
             if isinstance(entries, dict):
                 entries = [entries]
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, a 5,000-digit integer, deep nesting
             entries = read_jsonl(path)  # DataError names the bad line
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a JSON list of predictions or JSON lines, got {_type_name(entries)}")

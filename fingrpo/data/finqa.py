@@ -62,7 +62,7 @@ RANDOM_SAMPLE_SOURCES: dict[str, str] = {
     "test": "Dolphin2333/FinQA-with-QSTAR:data/test_100.json",
 }
 
-GOLD_KEY = re.compile(r"^(text|table)_(\d+)$")
+GOLD_KEY = re.compile(r"^(text|table)_(\d{1,9})$")  # bounded: int() of a 5,000-digit index raises
 
 # ---------------------------------------------------------------------------------------------------
 # Records
@@ -101,9 +101,13 @@ class FinQAQA(BaseModel):
     def _exe_ans(cls, v: Any) -> float | str:
         # bool is an int in Python: reject it explicitly; NaN/inf never come out of a FinQA program.
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if not math.isfinite(v):
+            try:
+                value = float(v)  # OverflowError for an integer beyond float range (JSON allows 10**400)
+            except OverflowError:
+                raise ValueError(f"expected a number or 'yes'/'no', got a number too large for a float ({_short(v)})") from None
+            if not math.isfinite(value):
                 raise ValueError(f"expected a number or 'yes'/'no', got non-finite {v}")
-            return float(v)
+            return value
         if v in ("yes", "no"):
             return v
         raise ValueError(f"expected a number or 'yes'/'no', got {_json_type(v)} {_short(v)}")
@@ -113,7 +117,7 @@ class FinQAQA(BaseModel):
     def _gold_keys(cls, v: dict[str, str]) -> dict[str, str]:
         for key in v:
             if not GOLD_KEY.match(key):
-                raise ValueError(f"key {key!r} is not of the form text_N or table_N")
+                raise ValueError(f"key {_short(key)} is not of the form text_N or table_N")
         return v
 
 
@@ -191,7 +195,26 @@ def parse_record(raw: Any, *, source: str = "<record>", index: int = 0) -> FinQA
         raise DataError(f"{where}: {loc}: {msg}" + (f" (and {more} more problems)" if more else "")) from None
 
 
-def load_split(path: str | Path) -> list[FinQARecord]:
+def check_gold_program(rec: FinQARecord, *, source: str = "<record>", index: int = 0) -> float | str:
+    """Execute a record's gold ``qa.program`` on its table; a :class:`fingrpo.dsl.ProgramError` (syntax,
+    unknown operation, ``#k`` out of range, division by zero, missing row, non-numeric cell, overflow)
+    becomes a one-line :class:`DataError` naming the file, record and field.
+
+    It checks that the program *runs*, not that it gives ``exe_ans``: that rule
+    (``program_executes_to_exe_ans``) is :mod:`fingrpo.data.validate`'s, which reports every record.
+
+    >>> check_gold_program(rec, source="train.json", index=3)      # doctest: +SKIP
+    DataError: train.json: record 3 (id X-1): qa.program: 'divide(5, 0)': divide(5, 0) divides by zero (at position 0)
+    """
+    from fingrpo.dsl import ProgramError, execute
+
+    try:
+        return execute(rec.qa.program, rec.table)
+    except ProgramError as e:
+        raise DataError(f"{source}: record {index} (id {rec.id}): qa.program: {_short(rec.qa.program, 80)}: {e}") from None
+
+
+def load_split(path: str | Path, check_programs: bool = True) -> list[FinQARecord]:
     """Load a FinQA split (the official JSON list of records).
 
     >>> recs = load_split("data/finqa/train.json")
@@ -199,7 +222,9 @@ def load_split(path: str | Path) -> list[FinQARecord]:
     (110, 'ETR/2009/page_107.pdf-2')
 
     Raises :class:`DataError` for a missing/empty/malformed file, a non-list top level, an empty list,
-    a non-object record, a missing or wrong-typed field, or a duplicate id.
+    a non-object record, a missing or wrong-typed field, or a duplicate id; with ``check_programs``
+    (the default) also for a gold program that does not execute (:func:`check_gold_program`), so that
+    ``train``, ``evaluate`` and ``score`` refuse such a record up front instead of training or scoring on it.
     """
     raw = read_json(path)
     if not isinstance(raw, list):
@@ -214,6 +239,8 @@ def load_split(path: str | Path) -> list[FinQARecord]:
             first = first_seen[rec.id]
             raise DataError(f"{path}: record {i} (id {rec.id}): id: duplicate id (first at record {first})")
         first_seen[rec.id] = i
+        if check_programs:
+            check_gold_program(rec, source=str(path), index=i)
         records.append(rec)
     return records
 
@@ -674,7 +701,7 @@ class FinancialJSONDataLoader:
 
 
 __all__ = [
-    "FinQARecord", "FinQAQA", "FinQAStep", "load_split", "parse_record", "load_provenance", "random_subset_ids",
+    "FinQARecord", "FinQAQA", "FinQAStep", "load_split", "check_gold_program", "parse_record", "load_provenance", "random_subset_ids",
     "RANDOM_SAMPLE_SOURCES", "table_row_to_text", "linearize_table", "table_to_markdown", "PromptExample",
     "make_examples", "render_prompt", "make_target", "format_exe_ans", "FinancialJSONDataLoader", "SYSTEM_PROMPT",
 ]

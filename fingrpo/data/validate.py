@@ -53,7 +53,7 @@ REQUIRED_QA = (
     "question", "answer", "explanation", "ann_table_rows", "ann_text_rows", "steps", "program",
     "program_re", "gold_inds", "exe_ans",
 )
-_GOLD_KEY = re.compile(r"^(text|table)_(\d+)$")
+_GOLD_KEY = re.compile(r"^(text|table)_(\d{1,9})$")
 SUITE_NAME = "finqa_records"
 
 
@@ -63,7 +63,10 @@ def _is_str_list(v: Any) -> bool:
 
 def _exe_ans_kind(v: Any) -> str:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return "number" if math.isfinite(v) else "invalid"
+        try:
+            return "number" if math.isfinite(v) else "invalid"
+        except OverflowError:  # an integer beyond float range
+            return "invalid"
     if v in ("yes", "no"):
         return "yes_no"
     return "missing" if v is None else "invalid"
