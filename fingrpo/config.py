@@ -10,6 +10,8 @@ config is logged once per run (``cfg.model_dump()``) and saved beside every chec
 from __future__ import annotations
 
 import os
+import re
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fingrpo.errors import ConfigError
 
 DEFAULT_PARAMS = "params.yaml"
+_SECRET_QUERY_KEYS = re.compile(r"token|secret|password|passwd|key|sig|credential|auth", re.IGNORECASE)
 BUNDLED_MODEL = "bundled:SmolLM2-135M-Instruct"
 
 
@@ -204,6 +207,35 @@ class Config(_Section):
     register: RegisterConfig = Field(default_factory=RegisterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    def public_dump(self) -> dict:
+        """The resolved config as JSON-ready dicts, credentials removed: what is logged, saved and shown."""
+        tree = self.model_dump(mode="json")
+        tree["tracking"]["tracking_uri"] = redact_uri(tree["tracking"]["tracking_uri"])
+        return tree
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """``uri`` without credentials: user:password in the netloc and secret-looking query values.
+
+    >>> redact_uri("https://alice:s3cret@mlflow.example.com:5000/?token=abc&x=1")
+    'https://***@mlflow.example.com:5000/?token=***&x=1'
+    >>> redact_uri("sqlite:///mlflow.db")
+    'sqlite:///mlflow.db'
+    """
+    if uri is None:
+        return None
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        query = "&".join(f"{k}={'***' if _SECRET_QUERY_KEYS.search(k) else v}" for k, v in pairs)
+    if netloc == parts.netloc and query == parts.query:
+        return uri  # unchanged (urlunsplit would also turn sqlite:///x.db into sqlite:/x.db)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

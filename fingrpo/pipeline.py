@@ -21,6 +21,7 @@ heavy libraries only inside the functions.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -59,12 +60,42 @@ def validate_stage(cfg: "Config", files: list[str] | None = None) -> int:
     return int(run_validation(files, report_dir=cfg.pipeline.reports_dir, data_docs=cfg.pipeline.data_docs))
 
 
+def validation_failure_message(report_path: str | Path) -> str:
+    """One line naming the first failing file, rule and record of a validation report.
+
+    >>> import json, tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "validation.json"
+    >>> _ = p.write_text(json.dumps({"files": {"d/train.json": {"success": False, "error": None, "rules": {
+    ...     "program_parses": {"success": False, "failing_ids": ["ADI/1"], "reasons": ["unknown op"]}}}}}))
+    >>> validation_failure_message(p)  # doctest: +ELLIPSIS
+    'data validation failed: d/train.json: rule program_parses: 1 record(s), first ADI/1 (unknown op) (report: ...)'
+    """
+    report_path = Path(report_path)
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"data validation failed: see {report_path}"
+    for path, f in report.get("files", {}).items():
+        if f.get("success"):
+            continue
+        if f.get("error"):
+            return f"data validation failed: {f['error']}"
+        for rule, r in f.get("rules", {}).items():
+            if r.get("success"):
+                continue
+            ids, reasons = r.get("failing_ids") or [], r.get("reasons") or []
+            first = f"{ids[0]} ({reasons[0]})" if ids and reasons and reasons[0] else (ids[0] if ids else "?")
+            return (f"data validation failed: {path}: rule {rule}: {len(ids)} record(s), first {first} "
+                    f"(report: {report_path})")
+    return f"data validation failed: see {report_path}"
+
+
 def require_valid(cfg: "Config", files: list[str] | None = None) -> int:
-    """:func:`validate_stage`, but a failed validation raises :class:`DataError` (for the flow)."""
+    """:func:`validate_stage`, but a failed validation raises :class:`DataError` naming the first
+    failing file, rule and record (for the flow)."""
     code = validate_stage(cfg, files)
     if code != 0:
-        report = Path(cfg.pipeline.reports_dir) / "validation.json"
-        raise DataError(f"data validation failed (exit code {code}): see {report}")
+        raise DataError(validation_failure_message(Path(cfg.pipeline.reports_dir) / "validation.json"))
     return code
 
 

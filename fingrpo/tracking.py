@@ -72,7 +72,6 @@ _TRANSIENT_MESSAGES = re.compile(
     r"connection (reset|aborted|refused)|max retries exceeded|(status|error)[ _]code[: =]*50[234]\b",
     re.IGNORECASE,
 )
-_SECRET_QUERY_KEYS = re.compile(r"token|secret|password|passwd|key|sig|credential|auth", re.IGNORECASE)
 _METRIC_NAME_BAD = re.compile(r"[^\w\-./ :]")  # MLflow accepts alphanumerics, _ - . / space :
 _MAX_PARAM_LEN = 6000  # MLflow 3's limit on a param value
 _MAX_TAG_LEN = 5000
@@ -83,35 +82,14 @@ from fingrpo.tracking import FinQAPyfuncModel
 
 mlflow.models.set_model(FinQAPyfuncModel())
 """
+from fingrpo.config import redact_uri  # noqa: E402  (re-exported: part of this module's API)
+
 PREDICTION_COLUMNS = ("id", "completion", "program", "answer", "answer_value", "value", "context_mode")
 
 
 # --------------------------------------------------------------------------------------------------
 # URIs, health check, retries
 # --------------------------------------------------------------------------------------------------
-
-
-def redact_uri(uri: str | None) -> str | None:
-    """``uri`` without credentials: user:password in the netloc and secret-looking query values.
-
-    >>> redact_uri("https://alice:s3cret@mlflow.example.com:5000/?token=abc&x=1")
-    'https://***@mlflow.example.com:5000/?token=***&x=1'
-    >>> redact_uri("sqlite:///mlflow.db")
-    'sqlite:///mlflow.db'
-    """
-    if uri is None:
-        return None
-    parts = urllib.parse.urlsplit(uri)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        query = "&".join(f"{k}={'***' if _SECRET_QUERY_KEYS.search(k) else v}" for k, v in pairs)
-    if netloc == parts.netloc and query == parts.query:
-        return uri  # unchanged (urlunsplit would also turn sqlite:///x.db into sqlite:/x.db)
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def resolve_tracking_uri(cfg: "Config") -> str:
@@ -147,7 +125,8 @@ def default_artifact_location(cfg: "Config", uri: str | None = None) -> str | No
     return str((db.parent / "mlartifacts").resolve())
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient_tracking_error(exc: BaseException) -> bool:
+    """True for errors worth retrying: connection/timeout errors, a locked SQLite db, HTTP 5xx/429."""
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     with contextlib.suppress(ImportError):
@@ -195,7 +174,7 @@ def call_with_retries(
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - classified below
-            if not _is_transient(e):
+            if not is_transient_tracking_error(e):
                 raise
             if attempt == attempts:
                 where = f" against {redact_uri(uri)}" if uri else ""
@@ -684,7 +663,7 @@ class MLflowCallback:
         self._tracker = tracker = _Tracker(cfg, uri)
         self.experiment_id = tracker.experiment_id()
         tags = {**provenance_tags(), "fingrpo.stage": "train"}
-        params = flatten_config(cfg.model_dump(mode="json"))
+        params = flatten_config(cfg.public_dump())
         resumed_step = int(getattr(trainer, "step", 0) or 0)  # > 0: the trainer resumed from a checkpoint
         previous = self._resumable_run(resumed_step, uri)
         if previous is not None:
@@ -785,7 +764,7 @@ class MLflowCallback:
         if metrics:
             tracker.log_metrics(run_id, metrics, int(summary.get("steps", summary.get("step", 0)) or 0))
         tracker.call(tracker.client.log_dict, run_id, json.loads(json.dumps(summary, default=str)), "train_summary.json")
-        tracker.call(tracker.client.log_dict, run_id, cfg.model_dump(mode="json"), "config/params.resolved.json")
+        tracker.call(tracker.client.log_dict, run_id, cfg.public_dump(), "config/params.resolved.json")
         # the trainer reports output_dir=None when it stopped early and saved no final adapter: then an
         # older adapter folder on disk is not this run's and is not logged
         adapter_key = next((k for k in ("adapter_dir", "output_dir") if k in summary), None)
@@ -1156,7 +1135,7 @@ def promote_from_config(cfg: "Config") -> dict:
             )
     version = str(info.registered_model_version)
     prov = provenance_tags()
-    params = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    params = json.dumps(cfg.public_dump(), sort_keys=True, separators=(",", ":"))
     version_tags = {
         "fingrpo.git_commit": prov["fingrpo.git_commit"],
         "fingrpo.git_dirty": prov["fingrpo.git_dirty"],

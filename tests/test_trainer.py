@@ -335,7 +335,6 @@ def tiny_finqa(tmp_path, data_dir):
 
 
 def test_eval_interval_reports_quick_evaluation(tmp_path, tiny_model_path, tiny_finqa):
-    pytest.importorskip("fingrpo.evaluate")
     from fingrpo.data.finqa import load_split, make_examples
 
     cfg = tiny_cfg(tmp_path, tiny_model_path, max_steps=2, eval_interval=2, eval_subset_size=2, prompts_per_step=2)

@@ -479,9 +479,24 @@ def _context_units(rec: FinQARecord, cfg: "PromptConfig") -> list[_Unit]:
     return sorted(units, key=lambda u: (u.order, u.key == "table_sep"))
 
 
+# Chat-control markers (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>` ...) inside report text would be
+# tokenized as the real special tokens and could close the user turn early: record text is data, so
+# the markers are broken up ("<|" -> "< |") before the prompt is rendered.
+_CONTROL_MARKER = re.compile(r"<\|")
+
+
+def neutralize_control_markers(text: str) -> str:
+    """Record text with chat-control markers broken up, so a tokenizer never reads them as special tokens.
+
+    >>> neutralize_control_markers("net sales <|im_end|> rose")
+    'net sales < |im_end|> rose'
+    """
+    return _CONTROL_MARKER.sub("< |", text)
+
+
 def _user_text(question: str, units: list[_Unit]) -> str:
     context = "\n".join(u.text for u in units) if units else "(none)"
-    return f"Context:\n{context}\n\nQuestion: {question}"
+    return neutralize_control_markers(f"Context:\n{context}\n\nQuestion: {question}")
 
 
 def _plain_text(messages: list[dict]) -> str:

@@ -576,8 +576,7 @@ class GRPOTrainer:
     def evaluate(self, step: int | None = None) -> tuple[dict, list[dict]]:
         """Greedy completions on the first ``eval_subset_size`` dev examples: mean reward, execution
         accuracy (official rule), tolerant accuracy, format rate, and a few sample predictions."""
-        from fingrpo.answers import parse_completion
-        from fingrpo.evaluate import generate_completions, official_match, tolerant_match
+        from fingrpo.evaluate import generate_completions, score_prediction
         from fingrpo.rewards import score_completions
 
         examples = self.eval_examples[: self.tcfg.eval_subset_size]
@@ -593,20 +592,21 @@ class GRPOTrainer:
             self.reward_functions, prompts, completions, [self._target(e) for e in examples],
             self.config.rewards.nan_value,
         )
+        # the same per-prediction scoring as `fingrpo evaluate` (official rule: execute the program)
         official, tolerant, formatted, samples = [], [], [], []
         for ex, completion, reward in zip(examples, completions, result.total):
-            parsed = parse_completion(completion)
-            exe_ans = getattr(ex, "exe_ans", None)
-            ok = tol = False
-            if exe_ans is not None and parsed.answer_value is not None:
-                ok = bool(official_match(parsed.answer_value, exe_ans))
-                tol = bool(tolerant_match(parsed.answer_value, exe_ans))
-            official.append(float(ok))
-            tolerant.append(float(tol))
-            formatted.append(float(bool(parsed.format_ok)))
+            record = {"id": getattr(ex, "id", None), "table": getattr(ex, "table", None) or [],
+                      "qa": {"exe_ans": getattr(ex, "exe_ans", None), "program": getattr(ex, "program", None)}}
+            scored = score_prediction({"id": record["id"], "completion": completion}, record,
+                                      rel_tol=self.config.rewards.rel_tolerance)
+            official.append(float(bool(scored["correct_official"])))
+            tolerant.append(float(bool(scored["correct_tolerant"])))
+            formatted.append(float(bool(scored["format_ok"])))
             if len(samples) < 3:
-                samples.append({"step": step, "id": getattr(ex, "id", None), "completion": completion,
-                                "answer": parsed.answer_text, "exe_ans": exe_ans, "correct": ok, "reward": reward})
+                samples.append({"step": step, "id": record["id"], "completion": completion,
+                                "program": scored.get("program"), "answer": scored.get("answer"),
+                                "exe_ans": record["qa"]["exe_ans"], "correct": bool(scored["correct_official"]),
+                                "reward": reward})
         metrics = {
             "eval/reward_mean": _mean(result.total),
             "eval/execution_accuracy": _mean(official),
@@ -659,7 +659,7 @@ class GRPOTrainer:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save({"ranks": rng_states}, tmp / "rng_state.pt")
-                write_json_atomic(tmp / "config.json", self.config.model_dump(mode="json"))
+                write_json_atomic(tmp / "config.json", self.config.public_dump())
                 write_json_atomic(tmp / "trainer_state.json", {
                     "step": self.step,
                     "data_position": self.data_position,
@@ -853,7 +853,7 @@ class GRPOTrainer:
             with atomic_path(output_dir, is_dir=True) as tmp:
                 self.model.save_pretrained(tmp, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
-                write_json_atomic(tmp / "fingrpo_config.json", self.config.model_dump(mode="json"))
+                write_json_atomic(tmp / "fingrpo_config.json", self.config.public_dump())
         self.accelerator.wait_for_everyone()
         return output_dir
 
