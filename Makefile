@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 data: install
-	$(VENV)/bin/dvc pull -q
+	$(VENV)/bin/dvc pull -q data.dvc
 	$(VENV)/bin/dvc status data.dvc
 
 run: data
