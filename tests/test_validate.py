@@ -153,3 +153,14 @@ def test_cli_exit_code_on_corrupted_file(few_records, tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert code != 0
     assert f"FAILED exe_ans_number_or_yes_no: 1 record(s): {recs[2]['id']}" in out
+
+
+def test_relative_report_dir_builds_data_docs(tmp_path, monkeypatch, data_dir):
+    """`dvc repro` runs `fingrpo validate` with the default relative `reports/`: GX needs an absolute
+    data-docs folder, which the validator must resolve itself."""
+    from fingrpo.data.validate import run_validation
+
+    monkeypatch.chdir(tmp_path)
+    assert run_validation([str(data_dir / "train.json")], report_dir="reports", data_docs=True) == 0
+    assert (tmp_path / "reports" / "data_docs" / "index.html").exists()
+    assert (tmp_path / "reports" / "validation.json").exists()
