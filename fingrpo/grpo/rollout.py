@@ -386,6 +386,22 @@ def sample_groups(
 # ------------------------------------------------------------------------------------------------- scoring
 
 
+def _scoring_inputs(model, prompt_ids, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                    group_size: int):
+    """(device, prompts, completion_ids, completion_mask) on the model's device, rows checked."""
+    device = _model_device(model)
+    prompts = _as_prompts(prompt_ids, device)
+    completion_ids = completion_ids.to(device)
+    completion_mask = completion_mask.to(device)
+    _check_rows(prompts, completion_ids, completion_mask, group_size)
+    return device, prompts, completion_ids, completion_mask
+
+
+def _zero_masked(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(G, T)`` log-probs with masked positions set to 0 (``where``: no NaN/inf leaks from padding)."""
+    return torch.where(mask.bool(), logp, torch.zeros_like(logp))
+
+
 def completion_logprobs(
     model,
     prompt_ids: Sequence[torch.Tensor] | Sequence[Sequence[int]],
@@ -406,11 +422,8 @@ def completion_logprobs(
 
     Equal (up to float rounding) to :func:`naive_completion_logprobs`, values and gradients.
     """
-    device = _model_device(model)
-    prompts = _as_prompts(prompt_ids, device)
-    completion_ids = completion_ids.to(device)
-    completion_mask = completion_mask.to(device)
-    _check_rows(prompts, completion_ids, completion_mask, group_size)
+    device, prompts, completion_ids, completion_mask = _scoring_inputs(
+        model, prompt_ids, completion_ids, completion_mask, group_size)
     g, t = group_size, completion_ids.shape[1]
     out_rows = []
     for p, prompt in enumerate(prompts):
@@ -429,7 +442,7 @@ def completion_logprobs(
         else:
             logits = first.expand(g, -1, -1)
         logp = _token_logprobs(logits, comp, temperature)  # (G, T)
-        out_rows.append(torch.where(completion_mask[p * g:(p + 1) * g].bool(), logp, torch.zeros_like(logp)))
+        out_rows.append(_zero_masked(logp, completion_mask[p * g:(p + 1) * g]))
     return torch.cat(out_rows)
 
 
@@ -444,11 +457,8 @@ def naive_completion_logprobs(
 ) -> torch.Tensor:
     """The reference for :func:`completion_logprobs`: per group, G full prompt+completion sequences
     ``(G, L+T)`` in one plain forward (the prompt recomputed G times, vocab logits at every position)."""
-    device = _model_device(model)
-    prompts = _as_prompts(prompt_ids, device)
-    completion_ids = completion_ids.to(device)
-    completion_mask = completion_mask.to(device)
-    _check_rows(prompts, completion_ids, completion_mask, group_size)
+    device, prompts, completion_ids, completion_mask = _scoring_inputs(
+        model, prompt_ids, completion_ids, completion_mask, group_size)
     g, t = group_size, completion_ids.shape[1]
     out_rows = []
     for p, prompt in enumerate(prompts):
@@ -457,5 +467,5 @@ def naive_completion_logprobs(
         full = torch.cat([prompt[None].expand(g, -1), comp], dim=1)  # (G, L+T)
         logits = model(input_ids=full, attention_mask=torch.ones_like(full), use_cache=False).logits
         logp = _token_logprobs(logits[:, length - 1:length + t - 1], comp, temperature)  # (G, T)
-        out_rows.append(torch.where(completion_mask[p * g:(p + 1) * g].bool(), logp, torch.zeros_like(logp)))
+        out_rows.append(_zero_masked(logp, completion_mask[p * g:(p + 1) * g]))
     return torch.cat(out_rows)
