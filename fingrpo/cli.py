@@ -1,11 +1,13 @@
 """The ``fingrpo`` command: one sub-command per pipeline stage (what ``dvc.yaml`` runs).
 
     fingrpo validate data/finqa/train.json data/finqa/dev.json data/finqa/test.json
+    fingrpo sft [--set sft.epochs=4]
     fingrpo train [--set train.max_steps=2] [--resume]
     fingrpo evaluate
     fingrpo plot
     fingrpo promote
     fingrpo score --predictions preds.json --data data/finqa/test.json
+    fingrpo results results/recipe results/control-random --output docs/results
 
 Each handler builds the config (params.yaml + ``--set`` overrides) and calls one stage function of
 :mod:`fingrpo.pipeline` (the same functions the Prefect flow's tasks call); errors a user can act on
@@ -64,6 +66,13 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from fingrpo import pipeline
+
+    _print_json(pipeline.sft_stage(_config(args)))
+    return 0
+
+
 def cmd_train(args) -> int:
     from fingrpo import pipeline
 
@@ -74,7 +83,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from fingrpo import pipeline
 
-    result = pipeline.evaluate_stage(_config(args), adapter_dir=args.adapter)
+    result = pipeline.evaluate_stage(_config(args), adapter_dir=args.adapter, base_only=args.base_only)
     _print_json(result.get("summary", result) if isinstance(result, dict) else result)
     return 0
 
@@ -91,6 +100,14 @@ def cmd_promote(args) -> int:
     from fingrpo import pipeline
 
     _print_json(pipeline.promote_stage(_config(args)))
+    return 0
+
+
+def cmd_results(args) -> int:
+    from fingrpo.results import write_results
+
+    for path in write_results(args.runs, args.output):
+        print(path)
     return 0
 
 
@@ -116,16 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="FinQA JSON split with the gold programs and exe_ans")
     p.set_defaults(func=cmd_score)
 
+    p = sub.add_parser("sft", parents=[common], help="supervised warm start on the gold programs (params: sft, prompt, lora)")
+    p.set_defaults(func=cmd_sft)
+
     p = sub.add_parser("train", parents=[common], help="GRPO + LoRA training (params: train, rewards, model, lora, prompt)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.checkpoint_dir")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", parents=[common], help="greedy generation + execution/program accuracy, base vs adapter")
     p.add_argument("--adapter", default=None, help="adapter folder (default: train.output_dir)")
+    p.add_argument("--base-only", action="store_true", help="evaluate the base model alone (no adapter needed)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("plot", parents=[common], help="PNG plots from the training metrics and the evaluation")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("results", help="compare runs: table, learning curves and samples (docs/results.md)")
+    p.add_argument("runs", nargs="+", help="run folders, each with eval.json (+ train_metrics.csv, predictions.jsonl)")
+    p.add_argument("--output", default="docs/results", help="where table.md, learning_curves.png, samples.md go")
+    p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("promote", parents=[common], help="register the adapter; move 'champion' if it beats the current one")
     p.set_defaults(func=cmd_promote)

@@ -115,6 +115,9 @@ class TrainConfig(_Section):
     keep_checkpoints: int | None = Field(3, ge=1, description="newest checkpoints kept in checkpoint_dir (None: all)")
     max_train_records: int | None = Field(None, ge=1, description="use only the first N train records (None: all)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
+    init_adapter: str | None = Field(
+        None, description="start from this LoRA adapter folder (the sft stage's output) instead of a fresh LoRA"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -123,6 +126,20 @@ class TrainConfig(_Section):
         if self.warmup_steps >= self.max_steps and self.max_steps > 1:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
         return self
+
+
+class SFTConfig(_Section):
+    """Supervised warm start on the train split's gold programs, before GRPO (``fingrpo sft``)."""
+
+    epochs: int = Field(0, ge=0, description="passes over the train split (0: no warm start; the stage saves the fresh LoRA)")
+    learning_rate: float = Field(5e-4, gt=0.0, description="AdamW peak learning rate (linear decay after warm-up)")
+    batch_size: int = Field(8, ge=1, description="sequences per optimizer step")
+    warmup_steps: int = Field(2, ge=0, description="linear warm-up steps")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping (L2 norm)")
+    seed: int = Field(0, description="seed of the LoRA init and the data order")
+    output_dir: str = Field("models/sft", description="the warm-start adapter (train.init_adapter reads it)")
+    metrics_path: str = Field("reports/sft_metrics.csv", description="one row of loss per optimizer step")
+    summary_path: str = Field("reports/sft.json", description="final figures (a dvc metrics file)")
 
 
 class RewardsConfig(_Section):
@@ -140,7 +157,10 @@ class RewardsConfig(_Section):
 
 class EvaluateConfig(_Section):
     splits: list[Literal["dev", "test"]] = Field(["dev"], description="splits evaluated by `fingrpo evaluate`")
-    max_records: int | None = Field(40, ge=1, description="first N records of each split (None: all)")
+    subset: Literal["all", "random"] = Field(
+        "all", description="records evaluated: all of the split, or only its random-sample records (provenance)"
+    )
+    max_records: int | None = Field(40, ge=1, description="first N records of each split, after `subset` (None: all)")
     max_new_tokens: int = Field(64, ge=1, description="greedy generation length")
     batch_size: int = Field(8, ge=1, description="records generated together")
     compare_base: bool = Field(True, description="also evaluate the base model (adapter off) under the same harness")
@@ -201,6 +221,7 @@ class Config(_Section):
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

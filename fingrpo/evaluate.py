@@ -550,9 +550,10 @@ def _evaluate_model(model, tokenizer, examples, records, prompts, rewards, cfg, 
     return metrics, rows
 
 
-def evaluate_from_config(cfg: Any, adapter_dir: str | Path | None = None) -> dict:
+def evaluate_from_config(cfg: Any, adapter_dir: str | Path | None = None, base_only: bool = False) -> dict:
     """Greedy evaluation of the adapter (default ``train.output_dir``) and, with
     ``evaluate.compare_base``, of the base model (adapter disabled) under the same harness.
+    ``base_only``: the base model alone, no adapter needed (the baseline table of docs/results.md).
 
     Writes ``evaluate.output_path``::
 
@@ -571,12 +572,12 @@ def evaluate_from_config(cfg: Any, adapter_dir: str | Path | None = None) -> dic
     from fingrpo.rewards import build_rewards
 
     ecfg = cfg.evaluate
-    adapter_dir = str(adapter_dir or cfg.train.output_dir)
+    adapter_dir = None if base_only else str(adapter_dir or cfg.train.output_dir)
     # config -> data -> model -> generate + score -> write
     rewards = build_rewards(cfg.rewards)
     few_shot = load_split(cfg.data.train_path) if cfg.prompt.few_shot else None
     base, tokenizer = load_model_and_tokenizer(cfg.model)
-    model = load_adapter(base, adapter_dir)
+    model = base if base_only else load_adapter(base, adapter_dir)
     model.eval()
 
     result: dict[str, Any] = {}
@@ -585,13 +586,15 @@ def evaluate_from_config(cfg: Any, adapter_dir: str | Path | None = None) -> dic
     for split in ecfg.splits:
         path = getattr(cfg.data, f"{split}_path")
         records = load_split(path)
+        subset = random_subset_ids(cfg.data.provenance_path, split)
+        if ecfg.subset == "random":
+            records = [r for r in records if r.id in subset]
         if ecfg.max_records is not None:
             records = records[: ecfg.max_records]
-        subset = random_subset_ids(cfg.data.provenance_path, split)
         examples = make_examples(records, cfg.prompt, tokenizer, few_shot_records=few_shot)
         prompts = [render_prompt(e, tokenizer, cfg.prompt.use_chat_template) for e in examples]
-        variants = [("adapter", contextlib.nullcontext)]
-        if ecfg.compare_base:
+        variants = [("base" if base_only else "adapter", contextlib.nullcontext)]
+        if ecfg.compare_base and not base_only:
             variants.append(("base", model.disable_adapter))  # the same weights, LoRA switched off
         result[split] = {}
         for name, ctx in variants:
@@ -606,7 +609,11 @@ def evaluate_from_config(cfg: Any, adapter_dir: str | Path | None = None) -> dic
                 summary[f"{split}.{name}.{key}"] = metrics[key]
             summary[f"{split}.{name}.random_subset.execution_accuracy"] = metrics["random_subset"]["execution_accuracy"]
             summary[f"{split}.{name}.n"] = metrics["n"]
-    summary.update({"adapter_dir": adapter_dir, "model": cfg.model.name_or_path, "max_records": ecfg.max_records})
+    summary.update({
+        "adapter_dir": adapter_dir, "model": cfg.model.name_or_path, "subset": ecfg.subset,
+        "prompt": f"{cfg.prompt.context_mode}, {cfg.prompt.few_shot}-shot",
+        "max_records": ecfg.max_records,
+    })
     result["summary"] = summary
     write_json_atomic(ecfg.output_path, result)
     write_jsonl_atomic(ecfg.predictions_path, rows)

@@ -136,6 +136,14 @@ def clear_checkpoints(checkpoint_dir: str | Path, prefix: str = "step-") -> int:
     return len(stale)
 
 
+def sft_stage(cfg: "Config") -> dict:
+    """Supervised warm start on the train split's gold programs -> ``sft.output_dir`` (the LoRA GRPO
+    starts from when ``train.init_adapter`` points there); the summary also goes to ``sft.summary_path``."""
+    from fingrpo.sft import sft_from_config
+
+    return sft_from_config(cfg)
+
+
 def train_stage(cfg: "Config", resume: bool = False) -> dict:
     """GRPO + LoRA training, logged to MLflow when ``tracking.enabled``; returns the trainer's summary.
 
@@ -162,12 +170,13 @@ def train_stage(cfg: "Config", resume: bool = False) -> dict:
     return summary
 
 
-def evaluate_stage(cfg: "Config", adapter_dir: str | None = None) -> dict:
-    """Greedy evaluation (base vs adapter) -> ``evaluate.output_path``; logged to the training's MLflow run."""
+def evaluate_stage(cfg: "Config", adapter_dir: str | None = None, base_only: bool = False) -> dict:
+    """Greedy evaluation (base vs adapter) -> ``evaluate.output_path``; logged to the training's MLflow run
+    (``base_only``: the base model alone, not logged: there is no training run to log into)."""
     from fingrpo.evaluate import evaluate_from_config
 
-    result = evaluate_from_config(cfg, adapter_dir=adapter_dir)
-    if cfg.tracking.enabled:
+    result = evaluate_from_config(cfg, adapter_dir=adapter_dir, base_only=base_only)
+    if cfg.tracking.enabled and not base_only:
         from fingrpo import tracking
 
         tracking.log_evaluation(cfg, result)

@@ -71,6 +71,11 @@ def validate_task(cfg: Config) -> int:
     return pipeline.validate_stage(cfg)
 
 
+@task(name="sft", cache_policy=NONE)
+def sft_task(cfg: Config) -> dict:
+    return pipeline.sft_stage(cfg)
+
+
 @task(name="train", **_TRACKED)
 def train_task(cfg: Config, resume: bool = False) -> dict:
     return pipeline.train_stage(cfg, resume=resume)
@@ -152,7 +157,8 @@ def summary_markdown(train: dict, evaluation: dict, plots: list[str], promotion:
 
 @flow(name="retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", overrides: dict | None = None, resume: bool = False) -> dict:
-    """Validate the data, train, evaluate, plot, and promote the adapter if it beats the champion.
+    """Validate the data, warm-start (sft, when ``train.init_adapter`` is set), train with GRPO, evaluate,
+    plot, and promote the adapter if it beats the champion.
 
     ``overrides`` replace params.yaml values for this run: ``{"train.max_steps": 2}`` or nested.
     """
@@ -172,6 +178,12 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
         message = pipeline.validation_failure_message(Path(cfg.pipeline.reports_dir) / "validation.json")
         logger.error(message)
         return Failed(message=message, data=DataError(message))  # calling the flow raises this DataError
+    from pathlib import Path
+
+    warm_start = cfg.train.init_adapter
+    # the warm start runs unless a resumed run already has it (the checkpoints hold the adapter)
+    if warm_start and not (resume and Path(warm_start, "adapter_model.safetensors").is_file()):
+        sft_task(cfg)
     train = train_task(cfg, resume=resume)
     evaluation = evaluate_task(cfg)
     plots = plot_task(cfg)

@@ -3,6 +3,7 @@ the bundled SmolLM2 and real services. Everything runs offline."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -47,3 +48,20 @@ def _torch_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture()
+def tiny_finqa(tmp_path, data_dir):
+    """6 train and 3 dev FinQA records with short gold contexts (the char tokenizer: 1 token per char)."""
+    train = json.loads((data_dir / "train.json").read_text())
+    dev = json.loads((data_dir / "dev.json").read_text())
+
+    def short(records, k):
+        picked = sorted(records, key=lambda r: len(" ".join(r["qa"]["gold_inds"].values())) + len(r["qa"]["question"]))
+        return picked[:k]
+
+    paths = {}
+    for name, recs in (("train", short(train, 6)), ("dev", short(dev, 3)), ("test", short(dev, 2))):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(recs))
+    return paths

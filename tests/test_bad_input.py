@@ -267,7 +267,7 @@ def _argv(entry: str, ws: Workspace, model_path: Path, adapter: Path | None, dat
         return ["train", *common, *sets(tiny + [
             f"data.train_path={data}", f"data.dev_path={ws.good}", "train.max_steps=1", "train.prompts_per_step=1",
             "train.group_size=2", "train.max_new_tokens=4", "train.eval_subset_size=1", "train.eval_interval=100",
-            "train.save_interval=1", "train.threads=1",
+            "train.save_interval=1", "train.threads=1", "train.init_adapter=null",
         ])]
     assert entry == "evaluate"
     return ["evaluate", "--adapter", str(adapter), *common, *sets(tiny + [

@@ -74,6 +74,9 @@ def _tiny_params(work: Path, data_dir: Path, model: Path) -> Path:
                            output_dir=str(models / "adapter"), checkpoint_dir=str(models / "checkpoints"),
                            metrics_path=str(reports / "train_metrics.csv"),
                            rollout_rewards_path=str(reports / "rollout_rewards.jsonl"))
+    params["sft"].update(epochs=1, batch_size=3, output_dir=str(models / "sft"),
+                         metrics_path=str(reports / "sft_metrics.csv"), summary_path=str(reports / "sft.json"))
+    params["train"]["init_adapter"] = str(models / "sft")
     params["evaluate"].update(max_records=2, max_new_tokens=8, batch_size=2, bootstrap_samples=10,
                               output_path=str(reports / "eval.json"), predictions_path=str(reports / "predictions.jsonl"))
     params["register"].update(model_name="fingrpo-deploy-test", output_path=str(reports / "promotion.json"))

@@ -163,3 +163,23 @@ def test_missing_adapter_is_a_model_error(tmp_path, tiny_model_path, data_dir):
     with pytest.raises(ModelError, match="adapter folder not found"):
         evaluate_from_config(cfg)
     assert not Path(cfg.evaluate.output_path).exists()
+
+
+def test_base_only_on_the_random_subset_needs_no_adapter(tmp_path, tiny_model_path, data_dir):
+    """``base_only`` evaluates the bare model (no adapter folder exists) and ``subset: random`` keeps only
+    the split's random-sample records, in file order."""
+    from fingrpo.data.finqa import load_split, random_subset_ids
+
+    cfg = _config(tmp_path, tiny_model_path, data_dir, tmp_path / "no-such-adapter", splits=["dev"],
+                  subset="random", max_records=4)
+    result = evaluate_from_config(cfg, base_only=True)
+    assert set(result["dev"]) == {"base"}
+    subset = random_subset_ids(data_dir / "provenance.json", "dev")
+    expected = [r.id for r in load_split(data_dir / "dev.json") if r.id in subset][:4]
+    rows = [json.loads(line) for line in Path(cfg.evaluate.predictions_path).read_text().splitlines()]
+    assert [r["id"] for r in rows] == expected
+    assert all(r["random_subset"] and r["model"] == "base" for r in rows)
+    assert result["dev"]["base"]["n"] == result["dev"]["base"]["random_subset"]["n"] == 4
+    assert result["summary"]["subset"] == "random" and result["summary"]["adapter_dir"] is None
+    # the records are not the first four of dev.json (which mixes in the error-file records)
+    assert expected != [r.id for r in load_split(data_dir / "dev.json")[:4]]

@@ -58,10 +58,12 @@ def work(tmp_path_factory, data_dir, tiny_model_path):
         "model": {"name_or_path": str(tiny_model_path)},
         "prompt": {"few_shot": 0, "max_prompt_tokens": 256},
         "train": {"max_steps": 2, "prompts_per_step": 1, "group_size": 2, "max_new_tokens": 8, "warmup_steps": 0,
-                  "save_interval": 1, "eval_interval": 2, "eval_subset_size": 2, "num_samples_to_log": 1,
+                  "init_adapter": str(models / "sft"), "save_interval": 1, "eval_interval": 2, "eval_subset_size": 2, "num_samples_to_log": 1,
                   "output_dir": str(models / "adapter"), "checkpoint_dir": str(models / "checkpoints"),
                   "metrics_path": str(reports / "train_metrics.csv"),
                   "rollout_rewards_path": str(reports / "rollout_rewards.jsonl")},
+        "sft": {"epochs": 1, "batch_size": 3, "output_dir": str(models / "sft"),
+                "metrics_path": str(reports / "sft_metrics.csv"), "summary_path": str(reports / "sft.json")},
         "evaluate": {"max_records": 2, "max_new_tokens": 8, "batch_size": 2, "bootstrap_samples": 10,
                      "output_path": str(reports / "eval.json"), "predictions_path": str(reports / "predictions.jsonl")},
         "register": {"model_name": MODEL_NAME, "output_path": str(reports / "promotion.json")},
@@ -100,6 +102,8 @@ def test_retrain_flow_writes_every_artifact_and_registers_a_champion(prefect_api
 
     validation = json.loads((reports / "validation.json").read_text())
     assert validation  # the validation report was written (its content is the data layer's business)
+    assert json.loads((reports / "sft.json").read_text())["steps"] == 2  # the warm start ran: 6 records / 3
+    assert (models / "sft" / "adapter_model.safetensors").is_file()
     assert (models / "adapter" / "adapter_config.json").is_file()
     assert any((models / "adapter").glob("adapter_model.safetensors"))
     csv_lines = (reports / "train_metrics.csv").read_text().splitlines()

@@ -128,8 +128,8 @@ def test_evaluate_and_plot_stages_hand_their_results_to_tracking(monkeypatch, cf
     result = {"dev": {"adapter": {"execution_accuracy": 0.5}}}
     seen = {}
 
-    def evaluate_from_config(c, adapter_dir=None):
-        seen["adapter_dir"] = adapter_dir
+    def evaluate_from_config(c, adapter_dir=None, base_only=False):
+        seen["adapter_dir"], seen["base_only"] = adapter_dir, base_only
         return result
 
     fake_module(monkeypatch, "fingrpo.evaluate", evaluate_from_config=evaluate_from_config)
@@ -138,7 +138,7 @@ def test_evaluate_and_plot_stages_hand_their_results_to_tracking(monkeypatch, cf
     cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"plots_dir": str(tmp_path)})})
 
     assert pipeline.evaluate_stage(cfg, adapter_dir="somewhere") is result
-    assert seen["adapter_dir"] == "somewhere"
+    assert seen["adapter_dir"] == "somewhere" and seen["base_only"] is False
     assert pipeline.plot_stage(cfg) == [tmp_path / "a.png"]
     assert fake.calls == [("log_evaluation", result), ("log_plots", [tmp_path / "a.png"])]
 
@@ -196,6 +196,7 @@ def make_tiny_project(root: Path, data_dir: Path, model_path: Path) -> dict:
     params["prompt"].update(few_shot=0, max_prompt_tokens=256, context_mode="gold")
     params["train"].update(max_steps=2, prompts_per_step=1, group_size=2, max_new_tokens=8, warmup_steps=0,
                            save_interval=1, eval_interval=2, eval_subset_size=2, num_samples_to_log=0)
+    params["sft"].update(epochs=1, batch_size=3)
     params["evaluate"].update(max_records=2, max_new_tokens=8, batch_size=2, bootstrap_samples=10)
     params["pipeline"].update(data_docs=False)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -229,8 +230,8 @@ def test_dvc_pipeline_reproduces_incrementally(tmp_path, data_dir, tiny_model_pa
     env = make_tiny_project(root, data_dir, tiny_model_path)
 
     first = _dvc(root, env, "repro")
-    assert _ran(first) == {"validate", "train", "evaluate", "plot", "register"}
-    for rel in ("reports/validation.json", "reports/train.json", "reports/train_metrics.csv", "reports/eval.json",
+    assert _ran(first) == {"validate", "sft", "train", "evaluate", "plot", "register"}
+    for rel in ("reports/validation.json", "reports/sft.json", "models/sft/adapter_model.safetensors", "reports/train.json", "reports/train_metrics.csv", "reports/eval.json",
                 "reports/predictions.jsonl", "reports/promotion.json", "models/adapter"):
         assert (root / rel).exists(), rel
     assert list((root / "reports/plots").glob("*.png"))
@@ -250,7 +251,7 @@ def test_dvc_pipeline_reproduces_incrementally(tmp_path, data_dir, tiny_model_pa
 
     # a train knob, as an experiment: train and everything downstream re-run, validate does not
     third = _dvc(root, env, "exp", "run", "-S", "train.learning_rate=0.0005")
-    assert "validate" not in _ran(third), third
+    assert not {"validate", "sft"} & _ran(third), third  # the warm start is upstream of train.*
     assert {"train", "evaluate", "register"} <= _ran(third), third
     assert "train.learning_rate" in _dvc(root, env, "params", "diff")
     assert "0.0005" in (root / "params.yaml").read_text()

@@ -317,23 +317,6 @@ def test_data_order_is_seeded_and_reshuffled_per_epoch(tmp_path, tiny_model_path
 # ------------------------------------------------------------------------------------- real FinQA records
 
 
-@pytest.fixture()
-def tiny_finqa(tmp_path, data_dir):
-    """6 train and 3 dev FinQA records with short gold contexts (the char tokenizer: 1 token per char)."""
-    train = json.loads((data_dir / "train.json").read_text())
-    dev = json.loads((data_dir / "dev.json").read_text())
-
-    def short(records, k):
-        picked = sorted(records, key=lambda r: len(" ".join(r["qa"]["gold_inds"].values())) + len(r["qa"]["question"]))
-        return picked[:k]
-
-    paths = {}
-    for name, recs in (("train", short(train, 6)), ("dev", short(dev, 3)), ("test", short(dev, 2))):
-        paths[name] = tmp_path / f"{name}.json"
-        paths[name].write_text(json.dumps(recs))
-    return paths
-
-
 def test_eval_interval_reports_quick_evaluation(tmp_path, tiny_model_path, tiny_finqa):
     from fingrpo.data.finqa import load_split, make_examples
 
@@ -390,7 +373,7 @@ def test_cli_train_bundled_smollm2_two_steps(tmp_path, data_dir):
     for item in [
         "train.max_steps=2", "train.prompts_per_step=2", "train.group_size=4", "train.max_new_tokens=16",
         "train.warmup_steps=0", "train.threads=2", "prompt.context_mode=gold", "prompt.few_shot=1",
-        "tracking.enabled=false",
+        "tracking.enabled=false", "train.init_adapter=null",
         f"data.train_path={data_dir / 'train.json'}", f"data.dev_path={data_dir / 'dev.json'}",
         f"data.test_path={data_dir / 'test.json'}", f"data.provenance_path={data_dir / 'provenance.json'}",
     ]:

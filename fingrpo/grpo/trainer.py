@@ -885,7 +885,7 @@ def train_from_config(cfg: Any, resume: bool = False, callbacks: Sequence[Any] =
     from transformers import set_seed
 
     from fingrpo.data.finqa import load_split, make_examples
-    from fingrpo.model import add_lora, load_model_and_tokenizer
+    from fingrpo.model import add_lora, load_adapter, load_model_and_tokenizer
     from fingrpo.rewards import build_rewards
 
     tcfg = cfg.train
@@ -907,7 +907,10 @@ def train_from_config(cfg: Any, resume: bool = False, callbacks: Sequence[Any] =
 
     # LoRA (seeded: the adapter's initial weights are part of the run)
     set_seed(tcfg.seed)
-    policy = add_lora(model, cfg.lora)
+    if tcfg.init_adapter:  # the warm start (fingrpo sft): its LoRA weights train on
+        policy = load_adapter(model, tcfg.init_adapter, is_trainable=True)
+    else:
+        policy = add_lora(model, cfg.lora)
     rewards = build_rewards(cfg.rewards)
     trainer = GRPOTrainer(
         policy, tokenizer, rewards, train_examples, eval_examples, cfg,

@@ -1,0 +1,180 @@
+"""Comparing runs: the tables, learning curves and sample completions of ``docs/results.md``.
+
+    fingrpo results results/recipe results/control-random results/control-heuristic results/baseline-* \\
+        --output docs/results
+
+Each run folder holds what a pipeline run leaves in ``reports/`` (``eval.json``, optionally
+``train_metrics.csv``, ``sft_metrics.csv`` and ``predictions.jsonl``); ``experiments/results.sh`` fills
+them. Writes ``table.md`` (one row per run and model: official and tolerant execution accuracy and the
+format rate with bootstrap 95% intervals, on the random-sample records and on all records evaluated),
+``learning_curves.png`` (training reward terms per step, one line per run), ``samples.md`` (the same
+dev questions answered by the base model and by each adapter).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from fingrpo.errors import DataError
+from fingrpo.io import write_text_atomic
+
+
+def _pct(value: Any, ci: Sequence[Any] | None = None) -> str:
+    if value is None:
+        return "–"
+    out = f"{100 * value:.1f}"
+    if ci and ci[0] is not None:
+        out += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    return out
+
+
+def load_runs(folders: Sequence[str | os.PathLike]) -> dict[str, dict]:
+    """``{run name (folder name): {"eval": eval.json, "folder": Path}}``; a folder without eval.json is a
+    :class:`DataError` naming it."""
+    runs: dict[str, dict] = {}
+    for folder in folders:
+        folder = Path(folder)
+        path = folder / "eval.json"
+        if not path.is_file():
+            raise DataError(f"{folder}: no eval.json (run the pipeline or `fingrpo evaluate` into it first)")
+        try:
+            runs[folder.name] = {"eval": json.loads(path.read_text(encoding="utf-8")), "folder": folder}
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+    return runs
+
+
+def results_table(runs: dict[str, dict], split: str = "dev") -> str:
+    """Markdown: one row per (run, model) with n, accuracies and intervals, in the runs' order."""
+    head = (
+        "| run | model | prompt | random subset: n | exec. acc. % [95% CI] | tolerant % | format % "
+        "| all records: n | exec. acc. % [95% CI] | format % |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for name, run in runs.items():
+        body = run["eval"].get(split, {})
+        prompt = run["eval"].get("summary", {}).get("prompt", "")
+        for model in ("base", "adapter"):
+            m = body.get(model)
+            if not m:
+                continue
+            r = m.get("random_subset", {})
+            all_cells = ["–", "–", "–"]
+            if m.get("n") != r.get("n"):  # more than the random subset was evaluated
+                all_cells = [str(m["n"]), _pct(m["execution_accuracy"], m.get("execution_accuracy_ci")),
+                             _pct(m["format_rate"])]
+            lines.append(
+                f"| {name} | {model} | {prompt} | {r.get('n', '–')} "
+                f"| {_pct(r.get('execution_accuracy'), r.get('execution_accuracy_ci'))} "
+                f"| {_pct(r.get('tolerant_accuracy'))} | {_pct(r.get('format_rate'))} | " + " | ".join(all_cells) + " |"
+            )
+    return head + "\n".join(lines) + "\n"
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_learning_curves(runs: dict[str, dict], path: str | os.PathLike,
+                         terms: Sequence[str] = ("program_execution", "format", "numbers_from_context",
+                                                 "operation", "financial_qa", "random")) -> Path | None:
+    """One panel per reward term (its per-step mean during GRPO; rolling mean over 5 steps), one line per
+    run that has ``train_metrics.csv``; the last panel is the warm start's loss. None when no run trained."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    frames = {}
+    for name, run in runs.items():
+        csv_path = run["folder"] / "train_metrics.csv"
+        if csv_path.is_file():
+            frames[name] = pd.read_csv(csv_path)
+    if not frames:
+        return None
+    present = [t for t in terms if any(f"reward/{t}_mean" in f.columns for f in frames.values())]
+    n = len(present) + 1
+    cols = 3
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(12, 3.2 * rows + 0.6), dpi=110, layout="constrained")
+    axes = [ax for row in fig.subplots(rows, cols, squeeze=False) for ax in row]
+    for ax, term in zip(axes, present):
+        column = f"reward/{term}_mean"
+        for name, frame in frames.items():
+            if column in frame.columns:
+                data = frame[["step", column]].dropna()
+                ax.plot(data["step"], data[column].rolling(5, min_periods=1, center=True).mean(), lw=1.6, label=name)
+        ax.set_title(f"{term} (mean over rollouts)")
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+    ax = axes[len(present)]
+    for name, run in runs.items():
+        sft_csv = run["folder"] / "sft_metrics.csv"
+        if sft_csv.is_file():
+            rows_ = [r for r in _read_csv(sft_csv) if r.get("loss")]
+            if rows_:
+                ax.plot([int(r["step"]) for r in rows_], [float(r["loss"]) for r in rows_], lw=1.2, label=name)
+    ax.set_title("warm start: reply cross-entropy")
+    ax.set_xlabel("SFT step")
+    ax.grid(alpha=0.3)
+    for extra in axes[len(present) + 1 :]:
+        extra.set_visible(False)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("GRPO learning curves: recipe vs controls")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def sample_completions(runs: dict[str, dict], k: int = 6, split: str = "dev") -> str:
+    """Markdown: for the first ``k`` random-sample records every run predicted, the gold program and each
+    model's completion (base once, then each run's adapter), marked ✓ when it executes to the answer."""
+    preds: dict[str, dict[str, dict]] = {}
+    base: dict[str, dict] = {}
+    for name, run in runs.items():
+        path = run["folder"] / "predictions.jsonl"
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("split") != split or not row.get("random_subset"):
+                continue
+            if row["model"] == "base":
+                base.setdefault(row["id"], row)
+            else:
+                preds.setdefault(name, {})[row["id"]] = row
+    if not preds:
+        return ""
+    ids = [i for i in base if all(i in p for p in preds.values())][:k]
+    out = []
+    for rid in ids:
+        out.append(f"**{rid}** — gold answer `{base[rid]['exe_ans']}`\n")
+        entries = [("base", base[rid])] + [(name, p[rid]) for name, p in preds.items()]
+        for name, row in entries:
+            mark = "✓" if row["correct_official"] else "✗"
+            text = " ⏎ ".join(row["completion"].strip().splitlines())[:160]
+            out.append(f"- {name} {mark}: `{text}`")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_results(folders: Sequence[str | os.PathLike], output: str | os.PathLike) -> list[Path]:
+    """``table.md``, ``learning_curves.png`` and ``samples.md`` under ``output``; returns their paths."""
+    runs = load_runs(folders)
+    output = Path(output)
+    written = [write_text_atomic(output / "table.md", results_table(runs))]
+    png = plot_learning_curves(runs, output / "learning_curves.png")
+    if png is not None:
+        written.append(png)
+    samples = sample_completions(runs)
+    if samples:
+        written.append(write_text_atomic(output / "samples.md", samples))
+    return written
+
+
+__all__ = ["load_runs", "results_table", "plot_learning_curves", "sample_completions", "write_results"]

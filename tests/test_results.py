@@ -1,0 +1,70 @@
+"""fingrpo.results: the comparison table, learning curves and samples from run folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fingrpo.errors import DataError
+from fingrpo.results import write_results
+
+
+def _metrics(acc: float, n: int, sub_acc: float, sub_n: int) -> dict:
+    return {"n": n, "execution_accuracy": acc, "execution_accuracy_ci": [acc / 2, acc * 1.5],
+            "tolerant_accuracy": acc, "format_rate": 0.9,
+            "random_subset": {"n": sub_n, "execution_accuracy": sub_acc, "execution_accuracy_ci": [0.0, 2 * sub_acc],
+                              "tolerant_accuracy": sub_acc, "format_rate": 0.95}}
+
+
+def _run(folder: Path, adapter_acc: float, with_curves: bool) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "eval.json").write_text(json.dumps({
+        "dev": {"adapter": _metrics(adapter_acc, 10, adapter_acc, 4), "base": _metrics(0.1, 10, 0.0, 4)},
+        "summary": {"prompt": "gold, 0-shot"}}))
+    rows = []
+    for rid, sub in (("a", True), ("b", True), ("c", False)):
+        for model in ("base", "adapter"):
+            rows.append({"id": rid, "split": "dev", "model": model, "random_subset": sub, "exe_ans": 1.5,
+                         "completion": f"Program: add(1, 0.5)\nAnswer: 1.5 ({model})",
+                         "correct_official": model == "adapter"})
+    (folder / "predictions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    if with_curves:
+        (folder / "train_metrics.csv").write_text(
+            "step,reward/program_execution_mean,reward/format_mean\n" + "\n".join(f"{s},{0.1 * s},{0.5}" for s in range(1, 8)))
+        (folder / "sft_metrics.csv").write_text("step,epoch,loss\n1,1,1.2\n2,1,0.8\n")
+    return folder
+
+
+def test_table_curves_and_samples(tmp_path):
+    recipe = _run(tmp_path / "recipe", 0.3, with_curves=True)
+    control = _run(tmp_path / "control-random", 0.05, with_curves=True)
+    paths = write_results([recipe, control], tmp_path / "out")
+    names = sorted(p.name for p in paths)
+    assert names == ["learning_curves.png", "samples.md", "table.md"]
+    table = (tmp_path / "out" / "table.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| recipe") or line.startswith("| control")]
+    assert len(lines) == 4  # 2 runs x (base, adapter)
+    recipe_adapter = next(line for line in lines if line.startswith("| recipe | adapter"))
+    assert "| 4 | 30.0 [0.0, 60.0] |" in recipe_adapter and "| 10 | 30.0 [15.0, 45.0] |" in recipe_adapter
+    assert (tmp_path / "out" / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = (tmp_path / "out" / "samples.md").read_text()
+    assert "**a**" in samples and "**b**" in samples and "**c**" not in samples  # random subset only
+    assert samples.count("- base ✗") == 2 and samples.count("- recipe ✓") == 2
+
+
+def test_folder_without_eval_json_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no eval.json"):
+        write_results([tmp_path / "empty"], tmp_path / "out")
+
+
+def test_baseline_only_folder_has_no_curves(tmp_path):
+    base = tmp_path / "baseline-gold-0shot"
+    base.mkdir()
+    (base / "eval.json").write_text(json.dumps({"dev": {"base": _metrics(0.02, 200, 0.02, 200)}, "summary": {}}))
+    paths = write_results([base], tmp_path / "out")
+    assert [p.name for p in paths] == ["table.md"]
+    row = (tmp_path / "out" / "table.md").read_text().splitlines()[-1]
+    assert row.startswith("| baseline-gold-0shot | base |") and row.endswith("| – | – | – |")
