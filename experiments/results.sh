@@ -20,6 +20,7 @@ keep() {  # copy the workspace's reports of the run just finished to $OUT/$1
 }
 
 # 1. the recipe: supervised warm start + GRPO on the verifiable rewards (params.yaml)
+git checkout -- params.yaml   # each experiment starts from the committed params (exp run leaves its own)
 dvc exp run -n recipe
 keep recipe
 
@@ -33,10 +34,13 @@ cp reports/sft_metrics.csv "$OUT/sft-only/"
 ZERO=(-S rewards.weights.program_execution=0 -S rewards.weights.format=0
       -S rewards.weights.numbers_from_context=0 -S rewards.weights.operation=0)
 CONTROL=(-S evaluate.subset=random -S evaluate.compare_base=false -S register.min_improvement=1)
+git checkout -- params.yaml
 dvc exp run -n control-random "${ZERO[@]}" -S rewards.weights.random=1 "${CONTROL[@]}"
 keep control-random
+git checkout -- params.yaml
 dvc exp run -n control-heuristic "${ZERO[@]}" -S rewards.weights.financial_qa=1 "${CONTROL[@]}"
 keep control-heuristic
+git checkout -- params.yaml
 
 # 4. the base model with the other prompt formats (the recipe's eval.json holds base, gold, 0-shot)
 for spec in gold:1 gold:2 full:0 retrieved:0; do
