@@ -2,7 +2,7 @@
 # Reproduces docs/results.md: the recipe (params.yaml as committed), the warm start alone, the two
 # controls and the base-model baselines, then the table, learning curves and samples.
 #
-#   bash experiments/results.sh            # ~50 min on 2 CPU cores after `make run` (the recipe is cached)
+#   bash experiments/results.sh            # ~45 min on 2 CPU cores after `make run` (the recipe is cached)
 #
 # The recipe and the controls are DVC experiments (`dvc exp show` lists them); each one's reports are
 # also copied to results/<name>/ (git-ignored) for `fingrpo results`. Controls are registered in MLflow
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results}
 BASELINE_RECORDS=${BASELINE_RECORDS:-100}   # random-subset records per extra baseline prompt format
-BASELINES=${BASELINES:-"gold:1 full:0"}     # context mode:worked examples (also: gold:2 retrieved:0 full:1)
+BASELINES=${BASELINES:-"gold:1"}     # context mode:worked examples (also: gold:2 full:0 retrieved:0, ~3-6 min each)
 
 keep() {  # copy the workspace's reports of the run just finished to $OUT/$1
   mkdir -p "$OUT/$1"
