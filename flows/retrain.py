@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -169,8 +170,6 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
     logger.info("config: %s", cfg.public_dump())
 
     if validate_task(cfg) != 0:
-        from pathlib import Path
-
         from prefect.states import Failed
 
         from fingrpo.errors import DataError
@@ -178,7 +177,6 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
         message = pipeline.validation_failure_message(Path(cfg.pipeline.reports_dir) / "validation.json")
         logger.error(message)
         return Failed(message=message, data=DataError(message))  # calling the flow raises this DataError
-    from pathlib import Path
 
     warm_start = cfg.train.init_adapter
     # the warm start runs unless a resumed run already has it (the checkpoints hold the adapter)
