@@ -4,14 +4,19 @@ FinQA prompts are long (~300-1,600 tokens) and completions short (<= 64 tokens),
 per prompt. Recomputing the prompt for each of the G rows would cost G times the prompt, so both
 phases share it:
 
-- :func:`sample_groups` prefills each prompt once (batch 1), copies its key/value cache to the G rows
-  and decodes the G completions together (several prompts' groups share one decode batch: their caches
-  are left-padded to a common length and masked, with per-row RoPE positions).
+- :func:`sample_groups` prefills each prompt once (batch 1) and keeps ONE copy of its key/value cache
+  for its whole group: the decode batch has a row per prompt, fed the G current tokens of that prompt's
+  completions as G queries under a mask that lets each see the prompt and its own earlier tokens. A
+  decode step reads each prompt once, not G times (several prompts' groups share one decode batch:
+  their caches are left-padded to a common length and masked, with per-row RoPE positions).
 - :func:`completion_logprobs` runs the prompt once per group (WITH gradients when grad is enabled),
-  expands its key/value cache to G rows as a view (no copy), then runs the G completions against it.
+  expands its key/value cache to G rows as a view, then runs the G completions against it.
   The gradient of the shared prefix is the sum over the G completions, exactly as with G full
   sequences. :func:`naive_completion_logprobs` computes the same numbers from full prompt+completion
   sequences: the reference for tests and benchmarks.
+
+Both give attention explicit masks; :mod:`fingrpo.grpo.attention` runs them without copying the cache per
+query head (grouped-query models) and turns each group's queries into one matrix product.
 
     rollout = sample_groups(model, [tok(p).input_ids for p in prompts], group_size=8, max_new_tokens=64,
                             temperature=1.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -24,8 +29,8 @@ phases share it:
 
 Rows are grouped contiguously: completions ``p*G .. p*G+G-1`` belong to prompt ``p``. Callers put the
 model in ``eval()`` mode (or use LoRA dropout 0) so sampling and scoring see the same function. The
-model is any Hugging Face causal LM with an attention KV cache (``DynamicCache``), or a peft model over
-one; ``transformers`` 5 names the cache argument ``cache=``.
+model is any Hugging Face causal LM with an attention KV cache (``DynamicCache``) and ``sdpa`` or ``eager``
+attention, or a peft model over one; ``transformers`` 5 names the cache argument ``cache=``.
 """
 
 from __future__ import annotations
@@ -158,11 +163,15 @@ def _expand_cache_(cache, group_size: int) -> None:
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``(B, T, V)`` logits of the distribution over ``tokens`` ``(B, T)`` -> ``(B, T)`` log-probs (fp32)."""
+    """Log-probs (fp32) of ``tokens`` under ``logits``: ``(B, T, V)`` with ``(B, T)`` (token t under the
+    distribution at t), or ``(B, V)`` with ``(B, K)`` (K tokens under one distribution per row)."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    logp = torch.log_softmax(logits, dim=-1)
+    if logits.ndim == 2:
+        return logp.gather(-1, tokens)
+    return logp.gather(-1, tokens[..., None]).squeeze(-1)
 
 
 def _eos_ids(model, eos_token_id) -> torch.Tensor:
@@ -181,7 +190,9 @@ def _pick_tokens(logits: torch.Tensor, temperature: float, top_p: float,
                  generator: torch.Generator | None) -> torch.Tensor:
     """``(B, V)`` next-token logits -> ``(B,)`` tokens: temperature, nucleus (HF's warpers), then sampling.
 
-    ``temperature == 0`` is greedy (argmax)."""
+    ``temperature == 0`` is greedy (argmax). Sampling inverts each row's CDF at one uniform draw per row:
+    exact (a token of probability 0 is never picked) and ~25x cheaper on CPU than ``torch.multinomial``,
+    which draws an exponential variate for every vocabulary entry (49,152 per row for SmolLM2)."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -191,8 +202,13 @@ def _pick_tokens(logits: torch.Tensor, temperature: float, top_p: float,
         logits = TemperatureLogitsWarper(temperature)(None, logits)
     if top_p < 1.0:
         logits = TopPLogitsWarper(top_p)(None, logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)  # (B, V)
+    total = cdf[:, -1:].contiguous()
+    u = torch.rand(total.shape, generator=generator, device=logits.device, dtype=cdf.dtype) * total
+    picked = torch.searchsorted(cdf, u, right=True)  # the first token whose CDF exceeds u
+    # u can round up to the total: never past the last token of non-zero probability
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(picked, last).squeeze(-1)
 
 
 # ------------------------------------------------------------------------------------------------- sampling
@@ -202,9 +218,8 @@ class _PreallocatedLayer(DynamicLayer):
     """A full-attention cache layer whose keys/values live in one buffer sized for the whole decode.
 
     transformers' ``DynamicLayer.update`` grows the cache with ``torch.cat`` at every decode step, i.e.
-    it copies the whole cache (P·G rows x the ~800-token prompt) once per generated token: profiled at
-    ~0.45 s of a ~0.8 s decode step for 32 rows on CPU. Here a step writes its one new position in
-    place and attention reads a view ``[:, :, :length]``. Only what a decode forward calls is provided.
+    it copies the whole cache once per generated token. Here a step writes its new positions in place
+    and attention reads a view ``[:, :, :length]``. Only what a decode forward calls is provided.
     """
 
     is_sliding = False
@@ -213,7 +228,7 @@ class _PreallocatedLayer(DynamicLayer):
 
     def __init__(self, buffer_keys: torch.Tensor, buffer_values: torch.Tensor, length: int):
         # no super().__init__(): it assigns .keys/.values, which are views of the buffers here
-        self._k, self._v = buffer_keys, buffer_values  # (N, H, capacity, D)
+        self._k, self._v = buffer_keys, buffer_values  # (B, H, capacity, D)
         self._len = length
         self.device = buffer_keys.device
 
@@ -246,76 +261,93 @@ class _PreallocatedLayer(DynamicLayer):
         return -1
 
 
-def _decode_cache(caches: list, lengths: list[int], group_size: int, capacity: int):
-    """Merge P batch-1 prompt caches into one preallocated cache of P·G rows and ``capacity`` positions.
+def _decode_cache(caches: list, lengths: list[int], capacity: int):
+    """Merge P batch-1 prompt caches into one preallocated cache of P rows and ``capacity`` positions.
 
     Prompts are left-padded with zeros to ``max(L_i)`` (the caller masks the padding; zeros, not
     uninitialised memory, so a masked slot can never inject NaN through ``0 * value``). Each prompt's
-    keys/values are written once into its G rows (a broadcast copy). Returns the first prompt's cache
-    object with its layers replaced."""
+    keys/values are copied once: its G completions share the row (see :func:`_decode_chunk`). Returns the
+    first prompt's cache object with its layers replaced."""
     l_max = max(lengths)
     merged = caches[0]
     per_prompt = [_attention_layers(c) for c in caches]
-    g = group_size
     new_layers = []
     for li, layer in enumerate(_attention_layers(merged)):
         buffers = []
         for name in ("keys", "values"):
             first = getattr(layer, name)  # (1, H, L_0, D)
             _, h, _, d = first.shape
-            buf = first.new_empty(len(caches) * g, h, capacity, d)  # (P·G, H, capacity, D)
+            buf = first.new_empty(len(caches), h, capacity, d)  # (P, H, capacity, D); decode slots: written before read
             for i, (layers, n) in enumerate(zip(per_prompt, lengths)):
-                rows = slice(i * g, (i + 1) * g)
-                buf[rows, :, : l_max - n].zero_()
-                buf[rows, :, l_max - n : l_max] = getattr(layers[li], name)  # broadcast (1, ...) -> (G, ...)
+                buf[i, :, : l_max - n].zero_()
+                buf[i, :, l_max - n : l_max] = getattr(layers[li], name)[0]
             buffers.append(buf)
         new_layers.append(_PreallocatedLayer(buffers[0], buffers[1], l_max))
     merged.layers[:] = new_layers
     return merged
 
 
+def _decode_mask(lengths: list[int], group_size: int, capacity: int, device: torch.device) -> torch.Tensor:
+    """``(P, 1, G, capacity)`` bool: which cache slots completion g of prompt p may attend to.
+
+    The packed decode layout of one prompt's row: its prompt right-aligned in ``[0, L_max)``, then the G
+    completions interleaved, step s of completion g at slot ``L_max + s·G + g``. Completion g sees its
+    prompt (not the left padding) and its own earlier tokens; a step slices the first
+    ``L_max + (s+1)·G`` slots."""
+    l_max, g = max(lengths), group_size
+    allowed = torch.zeros(len(lengths), 1, g, capacity, dtype=torch.bool, device=device)
+    for p, n in enumerate(lengths):
+        allowed[p, 0, :, l_max - n : l_max] = True
+    for j in range(g):
+        allowed[:, 0, j, l_max + j :: g] = True
+    return allowed
+
+
 def _decode_chunk(model, prompts: list[torch.Tensor], group_size: int, max_new_tokens: int, temperature: float,
                   top_p: float, eos: torch.Tensor, pad_token_id: int, generator) -> tuple[torch.Tensor, ...]:
-    """Sample G completions for each prompt of ``prompts`` in one decode batch of P·G rows."""
+    """Sample G completions for each prompt of ``prompts`` in one decode batch of P·G rows.
+
+    Each prompt's key/value cache is held once: the decode batch has one row per PROMPT, and a decode
+    step feeds that row the G current tokens of its completions as G queries (RoPE position L_p + step
+    for all of them), with a mask that lets each see the prompt and its own earlier tokens only
+    (:func:`_decode_mask`). Attention then reads each prompt once per step for its whole group instead
+    of G times, and the G queries of a group form one matrix product (``fingrpo_sdpa``)."""
+    from fingrpo.grpo.attention import shared_prompt_attention
+
     device = prompts[0].device
     g = group_size
-    lengths = [int(p.numel()) for p in prompts]
-
-    # 1. prefill: one forward per prompt at batch 1, logits only at its last position
-    caches, first_logits = [], []
-    for p in prompts:
-        out = model(input_ids=p[None], use_cache=True, logits_to_keep=1)
-        caches.append(_cache_of(out))
-        first_logits.append(out.logits[:, -1])  # (1, V)
-    l_max = max(lengths)
-    cache = _decode_cache(caches, lengths, g, capacity=l_max + max_new_tokens)  # (P·G, H, L_max + T, D)
     n = len(prompts) * g
-    lengths_t = torch.tensor(lengths, device=device)
-    attention_mask = None  # equal lengths: no padding, so no mask (the cheaper attention path)
-    if min(lengths) < l_max:
-        # (N, L_max): 0 on each row's left padding
-        attention_mask = (torch.arange(l_max, device=device)[None] >= (l_max - lengths_t)[:, None]).long()
-        attention_mask = attention_mask.repeat_interleave(g, dim=0)
-    next_position = lengths_t.repeat_interleave(g)  # (N,): RoPE position of the next token, per row
-    logits = torch.cat(first_logits).repeat_interleave(g, dim=0)  # (N, V)
+    lengths = [int(p.numel()) for p in prompts]
+    l_max = max(lengths)
+    capacity = l_max + max_new_tokens * g
+    with shared_prompt_attention(model) as attention:
+        # 1. prefill: one forward per prompt at batch 1 (no padding, causal), logits only at its last position
+        caches, first_logits = [], []
+        for p in prompts:
+            out = model(input_ids=p[None], use_cache=True, logits_to_keep=1)
+            caches.append(_cache_of(out))
+            first_logits.append(out.logits[:, -1])  # (1, V)
+        cache = _decode_cache(caches, lengths, capacity)  # (P, H, L_max + T·G, D)
+        del caches
+        mask = attention.mask(_decode_mask(lengths, g, capacity, device))  # (P, 1, G, capacity)
+        positions = torch.tensor(lengths, device=device)[:, None].expand(-1, g)  # (P, G): RoPE position of step 0
+        logits = torch.cat(first_logits).repeat_interleave(g, dim=0)  # (N, V)
 
-    # 2. decode: one token for all N rows per step; finished rows are fed pad and masked out
-    eos = eos.to(device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    tokens, masks = [], []
-    for step in range(max_new_tokens):
-        sampled = _pick_tokens(logits, temperature, top_p, generator)  # (N,)
-        sampled = torch.where(done, torch.full_like(sampled, pad_token_id), sampled)
-        masks.append(~done)  # 1 up to and including the EOS token
-        tokens.append(sampled)
-        done = done | torch.isin(sampled, eos)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)  # (N, L_max+step+1)
-        out = model(input_ids=sampled[:, None], attention_mask=attention_mask,
-                    position_ids=(next_position + step)[:, None], cache=cache, use_cache=True)
-        logits = out.logits[:, -1]  # (N, V)
+        # 2. decode: one token for all N rows per step; finished rows are fed pad and masked out
+        eos = eos.to(device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        tokens, masks = [], []
+        for step in range(max_new_tokens):
+            sampled = _pick_tokens(logits, temperature, top_p, generator)  # (N,)
+            sampled = torch.where(done, torch.full_like(sampled, pad_token_id), sampled)
+            masks.append(~done)  # 1 up to and including the EOS token
+            tokens.append(sampled)
+            done = done | torch.isin(sampled, eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            out = model(input_ids=sampled.view(-1, g), attention_mask=mask[..., : l_max + (step + 1) * g],
+                        position_ids=positions + step, cache=cache, use_cache=True)
+            logits = out.logits.reshape(n, -1)  # (P, G, V) -> (N, V)
     return torch.stack(tokens, dim=1), torch.stack(masks, dim=1).long(), ~done
 
 
@@ -402,6 +434,14 @@ def _zero_masked(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), logp, torch.zeros_like(logp))
 
 
+def _scoring_mask(prompt_length: int, fed: int, device: torch.device) -> torch.Tensor:
+    """``(1, 1, fed, prompt_length + fed)`` bool, shared by the G rows: every fed completion position sees
+    the whole prompt and its own row's positions up to itself (causal)."""
+    allowed = torch.ones(1, 1, fed, prompt_length + fed, dtype=torch.bool, device=device)
+    allowed[0, 0, :, prompt_length:] = torch.ones(fed, fed, dtype=torch.bool, device=device).tril_()
+    return allowed
+
+
 def completion_logprobs(
     model,
     prompt_ids: Sequence[torch.Tensor] | Sequence[Sequence[int]],
@@ -415,34 +455,35 @@ def completion_logprobs(
 
     Per group: one forward over the prompt ``(1, L)`` (its KV cache and last logit, with gradients when
     grad is enabled), the cache expanded to G rows as a view, one forward over the completions
-    ``(G, T-1)`` at positions L..L+T-2 with a mask over prefix + completion. Token t is scored from the
+    ``(G, T-1)`` at positions L..L+T-2 with an explicit mask over prefix + completion (one mask for the
+    G rows; grouped query heads packed, see :mod:`fingrpo.grpo.attention`). Token t is scored from the
     logits at the position before it (token 0 from the prompt's last logit), so the last completion token
     is never fed in. Only completion positions get vocab logits. Masked positions are returned as 0.
     ``temperature`` scales the logits as in sampling (1: the plain policy).
 
     Equal (up to float rounding) to :func:`naive_completion_logprobs`, values and gradients.
     """
+    from fingrpo.grpo.attention import shared_prompt_attention
+
     device, prompts, completion_ids, completion_mask = _scoring_inputs(
         model, prompt_ids, completion_ids, completion_mask, group_size)
     g, t = group_size, completion_ids.shape[1]
     out_rows = []
-    for p, prompt in enumerate(prompts):
-        comp = completion_ids[p * g:(p + 1) * g]  # (G, T)
-        length = prompt.numel()
-        pre = model(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
-        first = pre.logits[:, -1:, :]  # (1, 1, V): predicts completion token 0
-        if t > 1:
-            cache = _cache_of(pre)
-            _expand_cache_(cache, g)  # (1, H, L, D) -> (G, H, L, D) views
-            positions = torch.arange(length, length + t - 1, device=device)[None].expand(g, -1)  # (G, T-1)
-            attention_mask = torch.ones(g, length + t - 1, dtype=torch.long, device=device)
-            out = model(input_ids=comp[:, :-1], attention_mask=attention_mask, position_ids=positions,
-                        cache=cache, use_cache=True)
-            logits = torch.cat([first.expand(g, -1, -1), out.logits], dim=1)  # (G, T, V)
-        else:
-            logits = first.expand(g, -1, -1)
-        logp = _token_logprobs(logits, comp, temperature)  # (G, T)
-        out_rows.append(_zero_masked(logp, completion_mask[p * g:(p + 1) * g]))
+    with shared_prompt_attention(model) as attention:
+        for p, prompt in enumerate(prompts):
+            comp = completion_ids[p * g:(p + 1) * g]  # (G, T)
+            length = prompt.numel()
+            pre = model(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
+            # token 0 of every row from the prompt's last logit: (1, V) scored once, gathered G times
+            logp = _token_logprobs(pre.logits[:, -1, :], comp[None, :, 0], temperature).view(g, 1)
+            if t > 1:
+                cache = _cache_of(pre)
+                _expand_cache_(cache, g)  # (1, H, L, D) -> (G, H, L, D) views
+                positions = torch.arange(length, length + t - 1, device=device)[None].expand(g, -1)  # (G, T-1)
+                out = model(input_ids=comp[:, :-1], attention_mask=attention.mask(_scoring_mask(length, t - 1, device)),
+                            position_ids=positions, cache=cache, use_cache=True)
+                logp = torch.cat([logp, _token_logprobs(out.logits, comp[:, 1:], temperature)], dim=1)  # (G, T)
+            out_rows.append(_zero_masked(logp, completion_mask[p * g:(p + 1) * g]))
     return torch.cat(out_rows)
 
 
