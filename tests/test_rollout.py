@@ -120,21 +120,111 @@ def test_gradient_flows_through_the_shared_prefix(lora_model):
     # the same computation with the prompt's keys/values detached: only the completion positions' grads
     from fingrpo.grpo import rollout as R
 
-    original = R._expand_cache_
+    original = R._score_rows
 
-    def detached(cache, group_size):
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
-        original(cache, group_size)
+    def detached(model, cache, prefix, *args):
+        return original(model, cache, [(k.detach(), v.detach()) for k, v in prefix], *args)
 
     model.zero_grad(set_to_none=True)
-    R._expand_cache_ = detached
+    R._score_rows = detached
     try:
         completion_logprobs(model, prompts, ids, mask, G).sum().backward()
     finally:
-        R._expand_cache_ = original
+        R._score_rows = original
     cut = _lora_grads(model)
     assert max(_rel(cut[n], full[n]) for n in full) > 1e-2
+
+
+# ------------------------------------------------------------------- GroupScorer: chunked backward, same grads
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_group_scorer_chunks_give_the_gradients_of_one_backward(lora_model, chunk):
+    """Rows back-propagated ``chunk`` at a time against one prompt forward, then the prompt's share:
+    the same log-probs and LoRA gradients as one backward over the whole group (the prefix term included)."""
+    from fingrpo.grpo.rollout import GroupScorer
+
+    model = lora_model
+    prompts = _prompts((11, 17))
+    ids, mask = _random_completions(len(prompts) * G, t=6, seed=5)
+    adv = torch.tensor([0.7, -1.1, 0.4, -0.2, 1.3, -0.6])
+    full = dict(num_sequences=ids.shape[0], num_tokens=float(mask.sum()), max_length=ids.shape[1])
+    loss_fn = GRPOLoss(epsilon=0.2, beta=0.04, loss_type="grpo")
+    ref = torch.full(ids.shape, -4.0)
+
+    model.zero_grad(set_to_none=True)
+    whole = completion_logprobs(model, prompts, ids, mask, G)
+    whole_loss, _ = loss_fn(whole, None, ref, adv, mask)
+    whole_loss.backward()
+    expected = _lora_grads(model)
+
+    model.zero_grad(set_to_none=True)
+    rows_out, losses = [], []
+    for p, prompt in enumerate(prompts):
+        with GroupScorer(model, prompt) as scorer:
+            for start in range(0, G, chunk):
+                rows = slice(p * G + start, p * G + min(start + chunk, G))
+                logp = scorer.logprobs(ids[rows], mask[rows])
+                loss, _ = loss_fn(logp, None, ref[rows], adv[rows], mask[rows], **full)
+                loss.backward()
+                rows_out.append(logp.detach())
+                losses.append(float(loss.detach()))
+            scorer.backward_prompt()
+    got = _lora_grads(model)
+
+    assert (torch.cat(rows_out) - whole.detach()).abs().max() <= 1e-5
+    assert sum(losses) == pytest.approx(float(whole_loss), rel=1e-5, abs=1e-7)
+    assert set(got) == set(expected) and len(expected) == 8
+    for name in expected:
+        assert _rel(got[name], expected[name]) <= 1e-4, name
+
+
+def test_group_scorer_without_the_prompt_share_gets_different_gradients(lora_model):
+    """Skipping ``backward_prompt`` drops the prefix's gradient: the step that makes chunking exact is real."""
+    from fingrpo.grpo.rollout import GroupScorer
+
+    model = lora_model
+    (prompt,) = _prompts((13,))
+    ids, mask = _random_completions(G, t=5, seed=7)
+
+    model.zero_grad(set_to_none=True)
+    completion_logprobs(model, [prompt], ids, mask, G).sum().backward()
+    full = _lora_grads(model)
+
+    model.zero_grad(set_to_none=True)
+    with GroupScorer(model, prompt) as scorer:
+        scorer.logprobs(ids, mask).sum().backward()  # no backward_prompt()
+    partial = _lora_grads(model)
+    assert max(_rel(partial[n], full[n]) for n in full) > 1e-2
+
+
+def test_group_scorer_without_gradients_scores_and_restores_attention(lora_model):
+    from fingrpo.grpo.rollout import GroupScorer
+
+    model = lora_model
+    config = model.get_base_model().config
+    before = config._attn_implementation
+    (prompt,) = _prompts((10,))
+    ids, mask = _random_completions(G, t=4, seed=9)
+    with torch.no_grad():
+        expected = completion_logprobs(model, [prompt], ids, mask, G)
+        with GroupScorer(model, prompt) as scorer:
+            assert config._attn_implementation != before  # the packed-GQA impl while scoring
+            got = torch.cat([scorer.logprobs(ids[:2], mask[:2]), scorer.logprobs(ids[2:], mask[2:])])
+            scorer.backward_prompt()  # nothing to do without gradients
+    assert config._attn_implementation == before
+    assert not got.requires_grad
+    assert (got - expected).abs().max() <= 1e-5
+    assert (got[mask == 0] == 0).all()
+
+
+def test_group_scorer_rejects_rows_that_do_not_match(lora_model):
+    from fingrpo.grpo.rollout import GroupScorer
+
+    (prompt,) = _prompts((8,))
+    ids, mask = _random_completions(2, t=4)
+    with GroupScorer(lora_model, prompt) as scorer, pytest.raises(ValueError):
+        scorer.logprobs(ids, mask[:, :3])
 
 
 def test_single_token_completions(lora_model):

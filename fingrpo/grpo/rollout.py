@@ -442,6 +442,23 @@ def _scoring_mask(prompt_length: int, fed: int, device: torch.device) -> torch.T
     return allowed
 
 
+def _score_rows(model, cache, prefix: list[tuple[torch.Tensor, torch.Tensor]], first: torch.Tensor, length: int,
+                comp: torch.Tensor, temperature: float, attention) -> torch.Tensor:
+    """``(g, T)`` log-probs of ``g`` completion rows of one prompt, given the prompt's forward: its per-layer
+    ``(1, H, L, D)`` keys/values ``prefix`` and its last logit ``first`` ``(1, V)``. ``cache`` (the prompt's
+    cache object) is reset to the prefix, expanded to the g rows as views, before the completions run."""
+    g, t = comp.shape
+    logp = _token_logprobs(first, comp[None, :, 0], temperature).view(g, 1)  # token 0: one distribution
+    if t == 1:
+        return logp
+    for layer, (k, v) in zip(_attention_layers(cache), prefix):
+        layer.keys, layer.values = k.expand(g, -1, -1, -1), v.expand(g, -1, -1, -1)  # views, no copy
+    positions = torch.arange(length, length + t - 1, device=comp.device)[None].expand(g, -1)  # (g, T-1)
+    out = model(input_ids=comp[:, :-1], attention_mask=attention.mask(_scoring_mask(length, t - 1, comp.device)),
+                position_ids=positions, cache=cache, use_cache=True)
+    return torch.cat([logp, _token_logprobs(out.logits, comp[:, 1:], temperature)], dim=1)  # (g, T)
+
+
 def completion_logprobs(
     model,
     prompt_ids: Sequence[torch.Tensor] | Sequence[Sequence[int]],
@@ -459,7 +476,8 @@ def completion_logprobs(
     G rows; grouped query heads packed, see :mod:`fingrpo.grpo.attention`). Token t is scored from the
     logits at the position before it (token 0 from the prompt's last logit), so the last completion token
     is never fed in. Only completion positions get vocab logits. Masked positions are returned as 0.
-    ``temperature`` scales the logits as in sampling (1: the plain policy).
+    ``temperature`` scales the logits as in sampling (1: the plain policy). One backward of (a function
+    of) the result reaches the prompt's forward too; :class:`GroupScorer` does the same in row chunks.
 
     Equal (up to float rounding) to :func:`naive_completion_logprobs`, values and gradients.
     """
@@ -467,24 +485,91 @@ def completion_logprobs(
 
     device, prompts, completion_ids, completion_mask = _scoring_inputs(
         model, prompt_ids, completion_ids, completion_mask, group_size)
-    g, t = group_size, completion_ids.shape[1]
+    g = group_size
     out_rows = []
     with shared_prompt_attention(model) as attention:
         for p, prompt in enumerate(prompts):
-            comp = completion_ids[p * g:(p + 1) * g]  # (G, T)
-            length = prompt.numel()
+            rows = slice(p * g, (p + 1) * g)
             pre = model(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
-            # token 0 of every row from the prompt's last logit: (1, V) scored once, gathered G times
-            logp = _token_logprobs(pre.logits[:, -1, :], comp[None, :, 0], temperature).view(g, 1)
-            if t > 1:
-                cache = _cache_of(pre)
-                _expand_cache_(cache, g)  # (1, H, L, D) -> (G, H, L, D) views
-                positions = torch.arange(length, length + t - 1, device=device)[None].expand(g, -1)  # (G, T-1)
-                out = model(input_ids=comp[:, :-1], attention_mask=attention.mask(_scoring_mask(length, t - 1, device)),
-                            position_ids=positions, cache=cache, use_cache=True)
-                logp = torch.cat([logp, _token_logprobs(out.logits, comp[:, 1:], temperature)], dim=1)  # (G, T)
-            out_rows.append(_zero_masked(logp, completion_mask[p * g:(p + 1) * g]))
+            cache = _cache_of(pre)
+            prefix = [(layer.keys, layer.values) for layer in _attention_layers(cache)]
+            logp = _score_rows(model, cache, prefix, pre.logits[:, -1, :], prompt.numel(), completion_ids[rows],
+                               temperature, attention)
+            out_rows.append(_zero_masked(logp, completion_mask[rows]))
     return torch.cat(out_rows)
+
+
+class GroupScorer:
+    """One prompt's completions scored in row chunks against ONE forward of the prompt, for training.
+
+    ``completion_logprobs`` keeps the whole group's graph (the prompt's and all G completions'
+    activations) alive until the backward. Here, with gradients enabled, the prompt's keys/values and
+    last logit are cut from its graph into leaves; each chunk of completion rows runs against them and its
+    own backward frees its activations while the leaves accumulate their gradients;
+    :meth:`backward_prompt` then back-propagates those sums through the prompt's forward once. The peak
+    holds the prompt's activations plus ONE chunk's, and the gradients are exactly those of one backward
+    over the whole group (the prompt's gradient is linear in the sum of its rows' contributions).
+
+        scorer = GroupScorer(model, prompt, temperature=1.0)
+        for rows in (slice(0, 4), slice(4, 8)):
+            logp = scorer.logprobs(completion_ids[rows], completion_mask[rows])   # (4, T), with grad
+            loss_fn(logp, ...).backward()                                        # LoRA + leaf gradients
+        scorer.backward_prompt()                                                 # the prompt's share, once
+
+    Without gradients (``torch.no_grad``) it is a plain chunked scorer and ``backward_prompt`` does nothing.
+    Use it as a context manager or call ``close`` to restore the model's attention implementation.
+    """
+
+    def __init__(self, model, prompt_ids: torch.Tensor | Sequence[int], *, temperature: float = 1.0) -> None:
+        from fingrpo.grpo.attention import shared_prompt_attention
+
+        self.model, self.temperature = model, temperature
+        (self.prompt,) = _as_prompts([prompt_ids], _model_device(model))
+        self._attention_cm = shared_prompt_attention(model)
+        self._attention = self._attention_cm.__enter__()
+        try:
+            pre = model(input_ids=self.prompt[None], use_cache=True, logits_to_keep=1)
+            self._cache = _cache_of(pre)
+            outputs = [t for layer in _attention_layers(self._cache) for t in (layer.keys, layer.values)]
+            outputs.append(pre.logits[:, -1, :])  # (1, V)
+        except BaseException:
+            self.close()
+            raise
+        # the prompt graph's ends that carry gradient (not e.g. layer 0's keys without a LoRA on k_proj)
+        self._outputs = [t for t in outputs if t.requires_grad]
+        leaves = [t.detach().requires_grad_() if t.requires_grad else t for t in outputs]
+        self._leaves = [leaf for leaf in leaves if leaf.requires_grad]
+        self._prefix = list(zip(leaves[:-1:2], leaves[1:-1:2]))
+        self._first = leaves[-1]
+
+    def logprobs(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        """``(g, T)`` fp32 log-probs of g completion rows of this prompt (masked positions 0)."""
+        device = self.prompt.device
+        completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
+        _check_rows([self.prompt], completion_ids, completion_mask, completion_ids.shape[0])
+        logp = _score_rows(self.model, self._cache, self._prefix, self._first, self.prompt.numel(), completion_ids,
+                           self.temperature, self._attention)
+        return _zero_masked(logp, completion_mask)
+
+    def backward_prompt(self) -> None:
+        """Back-propagate the gradients the chunks accumulated on the prompt's keys/values and last logit
+        through the prompt's forward (once; a no-op without gradients or when no chunk reached them)."""
+        pairs = [(out, leaf.grad) for out, leaf in zip(self._outputs, self._leaves) if leaf.grad is not None]
+        self._outputs, self._leaves, self._prefix = [], [], []
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+    def close(self) -> None:
+        """Restore the model's attention implementation (idempotent)."""
+        if self._attention_cm is not None:
+            cm, self._attention_cm = self._attention_cm, None
+            cm.__exit__(None, None, None)
+
+    def __enter__(self) -> "GroupScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def naive_completion_logprobs(
