@@ -78,6 +78,10 @@ class BenchSpec:
     steps: int = 2  # measured steps per worker
     seed: int = 0
     threads: int | None = None  # torch intra-op threads in the workers (None: torch's default)
+    # fingrpo's memory knob (train.backward_chunk_size, params.yaml's value): completions per backward pass
+    # against one prompt forward, the same gradients; 0: the whole group at once. TRL's counterpart is its
+    # default gradient checkpointing.
+    backward_chunk_size: int = 2
     model: str = "bundled:SmolLM2-135M-Instruct"
     params: str = str(ROOT / "params.yaml")
     data: str = str(ROOT / "data" / "finqa" / "train.json")
@@ -94,7 +98,7 @@ class BenchSpec:
             "--max-new-tokens", str(self.max_new_tokens), "--temperature", str(self.temperature),
             "--beta", str(self.beta), "--few-shot", str(self.few_shot), "--steps", str(self.steps),
             "--warmup", str(self.warmup), "--seed", str(self.seed), "--model", self.model,
-            "--params", self.params, "--data", self.data,
+            "--params", self.params, "--data", self.data, "--backward-chunk-size", str(self.backward_chunk_size),
         ]
         if self.threads:
             argv += ["--threads", str(self.threads)]
@@ -130,7 +134,7 @@ def bench_config(spec: BenchSpec, mode: str, workdir: str | Path) -> Any:
             "prompts_per_step": spec.prompts, "group_size": spec.group_size, "max_new_tokens": spec.max_new_tokens,
             "temperature": spec.temperature, "top_p": 1.0, "beta": spec.beta, "num_iterations": spec.num_iterations,
             "gradient_accumulation_steps": 1, "threads": spec.threads, "max_train_records": spec.prompts,
-            **TRL_DEFAULTS, "init_adapter": None,
+            "backward_chunk_size": spec.backward_chunk_size or None, **TRL_DEFAULTS, "init_adapter": None,
             "output_dir": str(workdir / "adapter"), "checkpoint_dir": str(workdir / "checkpoints"),
             "metrics_path": str(workdir / "metrics.csv"), "rollout_rewards_path": str(workdir / "rollouts.jsonl"),
         },
@@ -836,7 +840,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Bench
     p.add_argument("--quick", action="store_true", help="2 prompts x G=4, 32 new tokens")
     p.add_argument("--rounds", type=int, default=1, help="fresh-process runs of each system per mode (alternated)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every process (default: torch's)")
-    p.add_argument("--worker-timeout", type=float, default=3600.0, help="seconds before a worker is stopped")
+    p.add_argument("--worker-timeout", type=float, default=7200.0, help="seconds before a worker is stopped")
     p.add_argument("--ceiling-seconds", type=float, default=2.0, help="seconds for each ceiling measurement")
     p.add_argument("--output", default=None, help="result JSON (default bench/results/<date>-<host>[-quick].json)")
     # the work (defaults: issue 5's settings; --quick shrinks them)
@@ -851,6 +855,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Bench
     p.add_argument("--model", default=None, help="model.name_or_path (default bundled:SmolLM2-135M-Instruct)")
     p.add_argument("--params", default=None, help="params.yaml whose rewards section is used")
     p.add_argument("--data", default=None, help="FinQA split the prompts come from (default data/finqa/train.json)")
+    p.add_argument("--backward-chunk-size", type=int, default=None,
+                   help="fingrpo: completions per backward pass (default 2; 0: the whole group)")
     # worker mode (internal: the parent starts these)
     p.add_argument("--worker", choices=SYSTEMS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, default="gold", help="the worker's context mode")
@@ -860,11 +866,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Bench
     fields = {"prompts": ns.prompts, "group_size": ns.group_size, "max_new_tokens": ns.max_new_tokens,
               "temperature": ns.temperature, "beta": ns.beta, "few_shot": ns.few_shot, "warmup": ns.warmup,
               "seed": ns.seed, "model": ns.model, "params": ns.params, "data": ns.data, "steps": ns.steps,
-              "threads": ns.threads}
+              "threads": ns.threads, "backward_chunk_size": ns.backward_chunk_size}
     spec = BenchSpec(**{**asdict(base), **{k: v for k, v in fields.items() if v is not None}})
     spec.lora_targets = tuple(spec.lora_targets)
-    if spec.steps < 1 or spec.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if spec.steps < 1 or spec.warmup < 0 or spec.backward_chunk_size < 0:
+        p.error("--steps must be >= 1, --warmup >= 0 and --backward-chunk-size >= 0")
     return ns, spec
 
 

@@ -127,6 +127,11 @@ def test_quick_flag_and_overrides_build_the_spec():
     assert again == spec
     with pytest.raises(SystemExit):
         bench.parse_args(["--steps", "0"])
+    # fingrpo's memory knob: 2 completions per backward by default, 0 = the whole group (None in the config)
+    _, whole = bench.parse_args(["--backward-chunk-size", "0"])
+    assert bench.parse_args([])[1].backward_chunk_size == 2 and bench.parse_args(whole.to_argv())[1] == whole
+    assert bench.bench_config(whole, "gold", ROOT / "unused").train.backward_chunk_size is None
+    assert bench.bench_config(spec, "gold", ROOT / "unused").train.backward_chunk_size == 2
 
 
 # ------------------------------------------------------------------------------------------------ workers

@@ -93,6 +93,10 @@ class TrainConfig(_Section):
         1, ge=1, description="rollout micro-batches per step (memory): the step's prompts are sampled and back-propagated "
         "in this many chunks, gradients accumulated into one update"
     )
+    backward_chunk_size: int | None = Field(
+        None, ge=1, description="completions per backward pass (memory): a group's G completions are back-propagated "
+        "this many at a time against one forward of their prompt, the same gradients (null: the whole group at once)"
+    )
     num_iterations: int = Field(1, ge=1, description="mu: policy updates per rollout batch (reuse stored old log-probs)")
     epsilon: float = Field(0.2, gt=0.0, description="lower clip range of the policy ratio")
     epsilon_high: float | None = Field(None, description="upper clip range (None: same as epsilon; DAPO uses 0.28)")

@@ -156,6 +156,24 @@ def test_resume_equals_straight_run(tmp_path, tiny_model_path, crash):
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_backward_chunks_give_the_same_training(tmp_path, tiny_model_path, chunk):
+    """``backward_chunk_size`` only changes memory: 2 steps with a group back-propagated 1 or 3 completions
+    at a time (G=4: uneven chunks too), μ = 2 and beta > 0, end at the adapter of whole-group backwards."""
+    common = dict(max_steps=2, num_iterations=2, save_interval=100)
+    whole = make_trainer(tiny_cfg(tmp_path / "whole", tiny_model_path, **common))
+    whole.train()
+    chunked = make_trainer(tiny_cfg(tmp_path / "chunked", tiny_model_path, backward_chunk_size=chunk, **common))
+    chunked.train()
+    want, got = lora_state(whole), lora_state(chunked)
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-5
+    assert max(float((want[k] - lora_state(make_trainer(tiny_cfg(tmp_path / "fresh", tiny_model_path)))[k]).abs().max())
+               for k in want) > 1e-3  # the runs did move the adapter
+    for a, b in zip(read_csv(whole.tcfg.metrics_path), read_csv(chunked.tcfg.metrics_path)):
+        assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-5
+        assert abs(float(a["kl"]) - float(b["kl"])) <= 1e-5
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_model_path):
     trainer = make_trainer(tiny_cfg(tmp_path, tiny_model_path))
     with pytest.raises(TrainingError, match="no checkpoint to resume from"):
@@ -243,15 +261,18 @@ def _nan_gradient_hook(trainer, bad_updates: set[int]):
     """Make the gradient of one LoRA weight NaN on the given (1-based) optimizer updates."""
     import torch
 
-    counter = {"backward": 0}
-    groups_per_update = trainer.tcfg.prompts_per_step  # one backward per group
+    counter = {"update": 0}
     param = trainer.params[0]
+    update = trainer._update
 
-    def hook(grad):
-        counter["backward"] += 1
-        update = (counter["backward"] - 1) // groups_per_update + 1
-        return torch.full_like(grad, float("nan")) if update in bad_updates else grad
+    def counting_update(micro):
+        counter["update"] += 1
+        return update(micro)
 
+    def hook(grad):  # every backward of the update (per chunk of completions, per prompt)
+        return torch.full_like(grad, float("nan")) if counter["update"] in bad_updates else grad
+
+    trainer._update = counting_update
     param.register_hook(hook)
     return param
 

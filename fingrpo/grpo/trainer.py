@@ -18,9 +18,10 @@ One training **step** (``train.max_steps`` of them):
    counted), gather the rewards of all processes and compute group advantages;
 4. reference log-probs (adapter disabled, the same weights: no second copy) only when ``beta > 0``;
    old log-probs only when ``num_iterations`` μ > 1 (with μ = 1, ρ ≡ 1 and the old pass is skipped);
-5. μ optimizer updates: per group, shared-prefix log-probs (``completion_logprobs``) and the GRPO loss
-   with the normalisers of the whole step, back-propagated group by group (one group's activations alive
-   at a time) so the accumulated gradient equals the full-batch gradient; gradients all-reduced across
+5. μ optimizer updates: per group, one forward of the prompt (``GroupScorer``), its completions'
+   log-probs and the GRPO loss with the normalisers of the whole step, back-propagated
+   ``train.backward_chunk_size`` completions at a time and the prompt's share once (one chunk's
+   activations alive at a time), so the accumulated gradient equals the full-batch gradient; gradients all-reduced across
    processes, clipped, AdamW on the LoRA parameters, warm-up + cosine/linear/constant schedule.
 
 Checkpoints (``train.checkpoint_dir/step-<n>/``, atomic) hold the adapter (safetensors), optimizer,
@@ -433,9 +434,10 @@ class GRPOTrainer:
         """One optimizer update over the whole step's rollouts; returns its loss/stat/grad figures."""
         import torch
 
-        from fingrpo.grpo.rollout import completion_logprobs
+        from fingrpo.grpo.rollout import GroupScorer
 
         G = self.tcfg.group_size
+        chunk = min(self.tcfg.backward_chunk_size or G, G)
         # Normalisers of the full (local) batch, so per-group losses add up to the full-batch loss.
         num_sequences = sum(mb["rollout"].completion_ids.shape[0] for mb in micro)
         num_tokens = float(sum(mb["rollout"].completion_mask.sum() for mb in micro))
@@ -451,20 +453,28 @@ class GRPOTrainer:
         for mb in micro:
             r = mb["rollout"]
             for gi, (p, rows) in enumerate(self._groups(mb)):
-                ids, mask = r.completion_ids[rows], r.completion_mask[rows]
-                # (G, T) with grad; scored at the sampling temperature so ρ compares the sampling distributions
-                logprobs = completion_logprobs(self.model, p, ids, mask, G, temperature=self.tcfg.temperature)
-                old = mb["old"][gi] if "old" in mb else None
-                ref = mb["ref"][gi] if "ref" in mb else None
-                loss, stats = self.loss_fn(logprobs, old, ref, mb["advantages"][rows], mask, **norms)
-                loss.backward()  # frees this group's graph before the next group's forward
-                loss_sum += float(loss.detach())
-                w = float(stats.get("num_tokens", float(mask.sum())))
-                for k in stat_keys:
-                    v = stats.get(k, float("nan"))
-                    if _finite(v) and w > 0:
-                        stat_sums[k] += v * w
-                stat_tokens += w
+                # One forward of the prompt; its G completions back-propagated `chunk` rows at a time (each
+                # backward frees that chunk's activations), then the prompt's share once: the gradients of
+                # one backward over the group, the peak memory of one chunk. Scored at the sampling
+                # temperature, so ρ compares the sampling distributions.
+                with GroupScorer(self.model, p[0], temperature=self.tcfg.temperature) as scorer:
+                    for start in range(0, G, chunk):
+                        part = slice(rows.start + start, rows.start + min(start + chunk, G))
+                        local = slice(start, min(start + chunk, G))
+                        ids, mask = r.completion_ids[part], r.completion_mask[part]
+                        logprobs = scorer.logprobs(ids, mask)  # (chunk, T) with grad
+                        old = mb["old"][gi][local] if "old" in mb else None
+                        ref = mb["ref"][gi][local] if "ref" in mb else None
+                        loss, stats = self.loss_fn(logprobs, old, ref, mb["advantages"][part], mask, **norms)
+                        loss.backward()
+                        loss_sum += float(loss.detach())
+                        w = float(stats.get("num_tokens", float(mask.sum())))
+                        for k in stat_keys:
+                            v = stats.get(k, float("nan"))
+                            if _finite(v) and w > 0:
+                                stat_sums[k] += v * w
+                        stat_tokens += w
+                    scorer.backward_prompt()
 
         # One all-reduce for everything: flattened gradients, loss and stat sums. Averaged over
         # processes, so every process applies the identical update and the weights stay identical.
