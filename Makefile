@@ -9,6 +9,8 @@ export TRANSFORMERS_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# the flows' temporary Prefect server: 20 s (Prefect's default) is not always enough on a busy 2-core machine
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 # dvc stages call `fingrpo ...`: the venv's bin must be on PATH without activating it
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
