@@ -225,6 +225,11 @@ def test_group_scorer_rejects_rows_that_do_not_match(lora_model):
     ids, mask = _random_completions(2, t=4)
     with GroupScorer(lora_model, prompt) as scorer, pytest.raises(ValueError):
         scorer.logprobs(ids, mask[:, :3])
+    with GroupScorer(lora_model, prompt) as scorer:
+        scorer.logprobs(ids, mask).sum().backward()
+        scorer.backward_prompt()
+        with pytest.raises(RuntimeError, match="spent"):  # the cache is no longer the prompt's alone
+            scorer.logprobs(ids, mask)
 
 
 def test_single_token_completions(lora_model):

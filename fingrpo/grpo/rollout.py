@@ -153,13 +153,22 @@ def _attention_layers(cache) -> list:
     return list(layers)
 
 
-def _expand_cache_(cache, group_size: int) -> None:
+def _expand_cache_(cache, group_size: int, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """Make a batch-1 cache serve ``group_size`` rows, in place, as views: ``(1, H, L, D) -> (G, H, L, D)``.
 
-    ``expand`` shares the storage, and autograd sums the G rows' gradients back into the prefix."""
-    for layer in _attention_layers(cache):
-        layer.keys = layer.keys.expand(group_size, -1, -1, -1)
-        layer.values = layer.values.expand(group_size, -1, -1, -1)
+    ``prefix`` (per-layer ``(1, H, L, D)`` keys/values) resets the layers to it first, e.g. after an earlier
+    forward appended to them; default: the layers' own. ``expand`` shares the storage, and autograd sums
+    the G rows' gradients back into the prefix."""
+    layers = _attention_layers(cache)
+    for layer, (k, v) in zip(layers, prefix if prefix is not None else [(x.keys, x.values) for x in layers]):
+        layer.keys, layer.values = k.expand(group_size, -1, -1, -1), v.expand(group_size, -1, -1, -1)
+
+
+def _prompt_forward(model, prompt: torch.Tensor):
+    """One prompt's forward: its cache object, per-layer ``(1, H, L, D)`` (keys, values) and last logit ``(1, V)``."""
+    pre = model(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
+    cache = _cache_of(pre)
+    return cache, [(layer.keys, layer.values) for layer in _attention_layers(cache)], pre.logits[:, -1, :]
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -451,8 +460,7 @@ def _score_rows(model, cache, prefix: list[tuple[torch.Tensor, torch.Tensor]], f
     logp = _token_logprobs(first, comp[None, :, 0], temperature).view(g, 1)  # token 0: one distribution
     if t == 1:
         return logp
-    for layer, (k, v) in zip(_attention_layers(cache), prefix):
-        layer.keys, layer.values = k.expand(g, -1, -1, -1), v.expand(g, -1, -1, -1)  # views, no copy
+    _expand_cache_(cache, g, prefix)
     positions = torch.arange(length, length + t - 1, device=comp.device)[None].expand(g, -1)  # (g, T-1)
     out = model(input_ids=comp[:, :-1], attention_mask=attention.mask(_scoring_mask(length, t - 1, comp.device)),
                 position_ids=positions, cache=cache, use_cache=True)
@@ -490,11 +498,9 @@ def completion_logprobs(
     with shared_prompt_attention(model) as attention:
         for p, prompt in enumerate(prompts):
             rows = slice(p * g, (p + 1) * g)
-            pre = model(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
-            cache = _cache_of(pre)
-            prefix = [(layer.keys, layer.values) for layer in _attention_layers(cache)]
-            logp = _score_rows(model, cache, prefix, pre.logits[:, -1, :], prompt.numel(), completion_ids[rows],
-                               temperature, attention)
+            cache, prefix, first = _prompt_forward(model, prompt)
+            logp = _score_rows(model, cache, prefix, first, prompt.numel(), completion_ids[rows], temperature,
+                               attention)
             out_rows.append(_zero_masked(logp, completion_mask[rows]))
     return torch.cat(out_rows)
 
@@ -528,13 +534,11 @@ class GroupScorer:
         self._attention_cm = shared_prompt_attention(model)
         self._attention = self._attention_cm.__enter__()
         try:
-            pre = model(input_ids=self.prompt[None], use_cache=True, logits_to_keep=1)
-            self._cache = _cache_of(pre)
-            outputs = [t for layer in _attention_layers(self._cache) for t in (layer.keys, layer.values)]
-            outputs.append(pre.logits[:, -1, :])  # (1, V)
+            self._cache, prefix, first = _prompt_forward(model, self.prompt)
         except BaseException:
             self.close()
             raise
+        outputs = [t for kv in prefix for t in kv] + [first]
         # the prompt graph's ends that carry gradient (not e.g. layer 0's keys without a LoRA on k_proj)
         self._outputs = [t for t in outputs if t.requires_grad]
         leaves = [t.detach().requires_grad_() if t.requires_grad else t for t in outputs]
@@ -544,6 +548,8 @@ class GroupScorer:
 
     def logprobs(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
         """``(g, T)`` fp32 log-probs of g completion rows of this prompt (masked positions 0)."""
+        if not self._prefix:
+            raise RuntimeError("backward_prompt() was called: this GroupScorer's prompt forward is spent")
         device = self.prompt.device
         completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
         _check_rows([self.prompt], completion_ids, completion_mask, completion_ids.shape[0])

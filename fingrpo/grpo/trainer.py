@@ -459,8 +459,8 @@ class GRPOTrainer:
                 # temperature, so ρ compares the sampling distributions.
                 with GroupScorer(self.model, p[0], temperature=self.tcfg.temperature) as scorer:
                     for start in range(0, G, chunk):
-                        part = slice(rows.start + start, rows.start + min(start + chunk, G))
-                        local = slice(start, min(start + chunk, G))
+                        end = min(start + chunk, G)
+                        local, part = slice(start, end), slice(rows.start + start, rows.start + end)
                         ids, mask = r.completion_ids[part], r.completion_mask[part]
                         logprobs = scorer.logprobs(ids, mask)  # (chunk, T) with grad
                         old = mb["old"][gi][local] if "old" in mb else None
