@@ -1,6 +1,7 @@
 """The ``fingrpo`` command: one sub-command per pipeline stage (what ``dvc.yaml`` runs).
 
-    fingrpo validate data/finqa/train.json data/finqa/dev.json data/finqa/test.json
+    fingrpo prepare [--input data/tatqa/tatqa_dataset_dev.json --output-dir prepared]
+    fingrpo validate [FILE ...]
     fingrpo sft [--set sft.epochs=4]
     fingrpo train [--set train.max_steps=2] [--resume]
     fingrpo evaluate
@@ -57,6 +58,14 @@ def cmd_validate(args) -> int:
     if args.no_data_docs:
         extra["data_docs"] = False
     return pipeline.validate_stage(_config(args, {"pipeline": extra}), files=args.files or None)
+
+
+def cmd_prepare(args) -> int:
+    from fingrpo import pipeline
+
+    _print_json(pipeline.prepare_stage(_config(args), input_path=args.input, output_dir=args.output_dir,
+                                       report_path=args.report))
+    return 0
 
 
 def cmd_score(args) -> int:
@@ -122,15 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fingrpo {__import__('fingrpo').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser("prepare", parents=[common], help="TAT-QA -> FinQA-shaped train/dev files split by table (params: prepare)")
+    p.add_argument("--input", default=None, help="a file in the TAT-QA format (default: prepare.input_path)")
+    p.add_argument("--output-dir", default=None, help="where tatqa_train.json / tatqa_dev.json go (default: prepare.output_dir)")
+    p.add_argument("--report", default=None, help="the conversion report (default: prepare.report_path, or OUTPUT_DIR/prepare.json)")
+    p.set_defaults(func=cmd_prepare)
+
     p = sub.add_parser("validate", parents=[common], help="Great Expectations + program re-execution checks on FinQA splits")
     p.add_argument("files", nargs="*", help="FinQA JSON files (default: the data section's three splits)")
     p.add_argument("--report-dir", default=None, help="where validation.json and the data docs go (default: pipeline.reports_dir)")
     p.add_argument("--no-data-docs", action="store_true", help="skip the Great Expectations HTML data docs")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("score", parents=[common], help="score a predictions file against FinQA records")
-    p.add_argument("--predictions", required=True, help="official FinQA predictions JSON or fingrpo predictions JSONL")
-    p.add_argument("--data", required=True, help="FinQA JSON split with the gold programs and exe_ans")
+    p = sub.add_parser("score", parents=[common], help="score a predictions file (FinQA and TAT-QA official rules)")
+    p.add_argument("--predictions", required=True, help="official FinQA or TAT-QA predictions JSON, or fingrpo predictions JSONL")
+    p.add_argument("--data", required=True, help="FinQA JSON split, a TAT-QA file, or a prepared TAT-QA split")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("sft", parents=[common], help="supervised warm start on the gold programs (params: sft, prompt, lora)")

@@ -30,6 +30,30 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_NAME = r"^[a-z][a-z0-9_]*$"
+
+
+class TrainSourceConfig(_Section):
+    """One training source: a file of FinQA-shaped records (FinQA itself, or a prepared TAT-QA split)."""
+
+    name: str = Field(..., pattern=_NAME, description="the source's name (logged with each record count)")
+    path: str | None = Field(None, description="FinQA-format JSON list of records (null: data.train_path, FinQA's train split)")
+    max_records: int | None = Field(None, ge=1, description="records taken from this source (its first N; null: all)")
+
+
+class EvalSetConfig(_Section):
+    """One evaluation set, reported on its own (``dev.<name>.adapter.execution_accuracy``)."""
+
+    name: str = Field(..., pattern=_NAME, description="the set's name in eval.json and the MLflow metrics")
+    path: str | None = Field(None, description="FinQA-format JSON list of records (null: data.<split>_path, FinQA's split)")
+    split: Literal["dev", "test"] = Field("dev", description="the metric prefix: dev.<name>.* or test.<name>.*")
+    subset: Literal["all", "random"] = Field(
+        "all", description="all records, or only a FinQA split's random-sample records (data.provenance_path)"
+    )
+    max_records: int | None = Field(None, ge=1, description="first N records (after subset; null: all)")
+    pooled: bool = Field(False, description="part of the pooled figure (<split>.pooled.*: the union of pooled sets)")
+
+
 class DataConfig(_Section):
     train_path: str = Field("data/finqa/train.json", description="FinQA train split (official JSON list)")
     dev_path: str = Field("data/finqa/dev.json", description="FinQA dev split")
@@ -37,6 +61,34 @@ class DataConfig(_Section):
     provenance_path: str = Field(
         "data/finqa/provenance.json", description="which records are a random sample of their split"
     )
+    train_sources: list[TrainSourceConfig] | None = Field(
+        None, description="the training pool, mixed in turn (null: the FinQA train split alone, train_path)"
+    )
+    eval_sets: list[EvalSetConfig] | None = Field(
+        None, description="the evaluation sets (null: one set 'finqa' per evaluate.splits, with evaluate.subset)"
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DataConfig":
+        for what, items in (("train_sources", self.train_sources), ("eval_sets", self.eval_sets)):
+            names = [(getattr(i, "split", ""), i.name) for i in items or []]
+            if len(names) != len(set(names)):
+                raise ValueError(f"{what}: names must be unique, got {[n for _, n in names]}")
+            if items is not None and not items:
+                raise ValueError(f"{what}: give at least one entry, or null for the default")
+        if any(s.name == "pooled" for s in self.eval_sets or []):
+            raise ValueError("eval_sets: 'pooled' is the name of the pooled figure")
+        return self
+
+
+class PrepareConfig(_Section):
+    """Raw TAT-QA -> FinQA-shaped train/dev files (``fingrpo prepare``; outside ``data/``)."""
+
+    input_path: str = Field("data/tatqa/tatqa_dataset_dev.json", description="a file in the TAT-QA format")
+    output_dir: str = Field("prepared", description="writes tatqa_train.json and tatqa_dev.json here")
+    dev_fraction: float = Field(0.2, ge=0.0, le=1.0, description="share of tables (with their questions) in dev")
+    seed: int = Field(0, description="seed of the split by table")
+    report_path: str = Field("reports/prepare.json", description="counts per answer type and per drop reason")
 
 
 class PromptConfig(_Section):
@@ -179,7 +231,10 @@ class EvaluateConfig(_Section):
 
 class RegisterConfig(_Section):
     model_name: str = Field("fingrpo-finqa", description="registered model name in the MLflow registry")
-    metric: str = Field("dev.adapter.execution_accuracy", description="eval.json key the promotion gate compares")
+    metric: str = Field(
+        "dev.pooled.adapter.execution_accuracy",
+        description="eval.json key the promotion gate compares (dev.pooled.*: every record of the pooled sets)",
+    )
     min_improvement: float = Field(0.0, ge=0.0, description="champion moves only if challenger beats it by more")
     output_path: str = Field("reports/promotion.json", description="decision and both figures")
 
@@ -222,6 +277,7 @@ class Config(_Section):
     """The whole params.yaml: one typed section per stage."""
 
     data: DataConfig = Field(default_factory=DataConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)

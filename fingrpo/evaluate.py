@@ -4,16 +4,23 @@ evaluation harness (greedy generation, base model vs adapter, bootstrap interval
     fingrpo score --predictions preds.json --data data/finqa/test.json   # official or JSONL predictions
     fingrpo evaluate [--adapter models/adapter]                          # params.yaml `evaluate:` section
 
-Rules, as in the official script (``czyssrs/FinQA`` ``code/evaluate/evaluate.py``):
+Rules, as in the official script (``czyssrs/FinQA`` ``code/evaluate/evaluate.py``), bit for bit
+(:mod:`fingrpo.official`):
 
-- **execution accuracy** (:func:`official_match`): the predicted program is executed on the record's
-  table, rounded to 5 decimals, and must equal ``qa.exe_ans`` exactly (``"yes"``/``"no"`` compared as
-  strings). A prediction that carries only an answer (no program) is scored on that answer's value.
-- **program accuracy** (:func:`program_equivalent`): the official ``equal_program``: the predicted
-  program may only use the gold program's arguments; both are turned into sympy expressions over those
-  arguments as symbols, simplified, and compared.
+- **execution accuracy**: the official ``eval_program`` on the predicted tokens (official-format
+  ``predicted``, or a program text tokenized as the official ``program_tokenization`` does): valid,
+  rounded to 5 decimals, and equal to ``qa.exe_ans`` (``"yes"``/``"no"`` as strings). So a row name
+  with parentheses (``table_average(private investors ( a ), none)``) is invalid, as it is there. A
+  prediction that carries only an answer (no program) is scored on that answer's value.
+- **program accuracy**: the official ``equal_program``: the predicted program may only use the gold
+  program's arguments; both become sympy expressions over those arguments as symbols, simplified,
+  and compared.
 - accuracies are divided by the number of *predictions* (as the official script does); a prediction
   whose id is not in the data counts as wrong and is reported in ``missing_ids``.
+
+TAT-QA records (converted by :mod:`fingrpo.data.tatqa`, or a raw TAT-QA file given to ``score``) are
+also scored by the official TAT-QA rules (:func:`score_tatqa_files`): exact match and F1 over every
+gold question, by answer type.
 
 And one rule of ours, **tolerant accuracy** (:func:`tolerant_match`): relative tolerance ``rel_tol``
 (default 1e-3, absolute 1e-5 near zero), with a percentage accepted in either unit (×100 or ÷100),
@@ -44,6 +51,7 @@ from fingrpo.dsl import (
     tokens_to_program,
 )
 from fingrpo.errors import DataError
+from fingrpo.official import finqa_equal_program, finqa_eval_program, finqa_tokenize
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +257,7 @@ def score_prediction(prediction: dict, record: Any, rel_tol: float = 1e-3) -> di
         answer_value = normalize_answer(prediction["answer"])
 
     value: float | str | None = None
+    raw_value: float | str | None = None
     steps: list[Step] | None = None
     parse_failed = execute_failed = False
     if program is not None:
@@ -258,22 +267,31 @@ def score_prediction(prediction: dict, record: Any, rel_tol: float = 1e-3) -> di
             parse_failed, error = True, str(e)
         if steps is not None:
             try:
-                value = execute(steps, table)
+                value = raw_value = execute(steps, table)
             except ProgramError as e:
                 execute_failed, error = True, str(e)
     elif error is not None:
         parse_failed = True
     has_program_source = any(prediction.get(k) is not None for k in ("predicted", "program", "completion"))
-    # official value: the executed program; only a bare answer (no program asked for) scores itself
-    official_value = value if has_program_source else answer_value
-    correct_official = official_match(official_value, exe_ans)
+    # the official rules read tokens: the predicted ones, or the program text tokenized officially
+    tokens: list[str] | None = None
+    if prediction.get("predicted") is not None:
+        tokens = list(prediction["predicted"])
+    elif program is not None:
+        tokens = finqa_tokenize(program)
+    if tokens is not None:
+        invalid, result = finqa_eval_program(tokens, table or [])
+        correct_official = invalid == 0 and result == exe_ans
+    else:  # only a bare answer (no program asked for) scores itself
+        correct_official = official_match(None if has_program_source else answer_value, exe_ans)
     correct_tolerant = tolerant_match(value, exe_ans, rel_tol) or tolerant_match(answer_value, exe_ans, rel_tol)
     program_correct = False
-    if steps is not None and isinstance(gold_program, str):
+    if tokens is not None and isinstance(gold_program, str):
         try:
-            program_correct = program_equivalent(steps, gold_program)
-        except ProgramError as e:
-            log.warning("gold program %r of record %s does not parse: %s", gold_program, _field(record, "id"), e)
+            program_correct = finqa_equal_program(finqa_tokenize(gold_program), tokens)
+        except (ValueError, IndexError, KeyError) as e:  # the official script would stop on such a gold program
+            log.warning("gold program %r of record %s is not one the official rules can read: %s", gold_program,
+                        _field(record, "id"), e)
     return {
         "program": format_program(steps) if steps is not None else program,
         "value": round_result(value) if value is not None else None,
@@ -287,6 +305,7 @@ def score_prediction(prediction: dict, record: Any, rel_tol: float = 1e-3) -> di
         "parse_failed": parse_failed or (has_program_source and program is None),
         "execute_failed": execute_failed,
         "error": error,
+        "raw_value": raw_value,
     }
 
 
@@ -417,12 +436,144 @@ def _load_records(path: str | Path) -> list[Any]:
     return load_split(path)
 
 
+def tatqa_gold(record: Any) -> dict | None:
+    """The TAT-QA question a converted record came from (``answer``, ``answer_type``, ``scale``,
+    ``answer_from``, ``uid``), or None for a FinQA record."""
+    extra = record.get("tatqa") if isinstance(record, dict) else (getattr(record, "model_extra", None) or {}).get("tatqa")
+    return extra if isinstance(extra, dict) else None
+
+
+def tatqa_prediction_of(scored: dict, gold: dict, scale: str | None = None) -> tuple[Any, str]:
+    """A project prediction, scored by :func:`score_prediction`, as a TAT-QA ``[answer, scale]``: the
+    executed program's (unrounded) value, else the stated answer, in the question's unit (the percent
+    convention of :mod:`fingrpo.data.tatqa`); ``scale``: the prediction's own, else the gold one."""
+    from fingrpo.data.tatqa import tatqa_prediction
+
+    value = scored.get("raw_value")
+    if value is None:
+        value = scored.get("answer_value")
+    if value is None:
+        return None, scale if scale is not None else gold["scale"]
+    answer, unit = tatqa_prediction(value, gold["scale"] if scale is None else scale)
+    return answer, unit
+
+
+def tatqa_scores(rows: list[tuple[dict, Any, str | None]]) -> dict:
+    """Official TAT-QA figures over ``(gold question, answer, scale)`` rows: exact match and F1 (x100,
+    2 decimals, as ``tatqa_eval.py`` prints them), overall and by answer type."""
+    from fingrpo.official import tatqa_em_f1
+
+    by_type: dict[str, list[tuple[float, float]]] = {}
+    scores = []
+    for gold, answer, scale in rows:
+        em, f1 = tatqa_em_f1(gold, answer, scale)
+        scores.append((em, f1))
+        by_type.setdefault(gold["answer_type"], []).append((em, f1))
+
+    def figures(pairs: list[tuple[float, float]]) -> dict:
+        n = len(pairs)
+        return {"n": n, "exact_match": round(100 * sum(e for e, _ in pairs) / n, 2) if n else 0.0,
+                "f1": round(100 * sum(f for _, f in pairs) / n, 2) if n else 0.0}
+
+    return {**figures(scores), "by_answer_type": {k: figures(v) for k, v in sorted(by_type.items())}}
+
+
+def _is_tatqa_official(raw: Any) -> bool:
+    return isinstance(raw, dict) and "id" not in raw and bool(raw) and all(
+        isinstance(v, list) and len(v) == 2 for v in raw.values()
+    )
+
+
+def load_tatqa_predictions(path: str | Path) -> dict[str, tuple[Any, str]]:
+    """The official TAT-QA prediction format ``{"<question uid>": [answer, scale], ...}``."""
+    from fingrpo.io import read_json
+
+    raw = read_json(path)
+    if not _is_tatqa_official(raw):
+        raise DataError(f"{path}: expected the TAT-QA format {{question uid: [answer, scale]}}")
+    out = {}
+    for uid, (answer, scale) in raw.items():
+        if not isinstance(scale, str):
+            raise DataError(f"{path}: prediction {uid}: scale: expected a string, got {_type_name(scale)}")
+        out[uid] = (answer, scale)
+    return out
+
+
+def score_tatqa_files(predictions_path: str | Path, data_path: str | Path, rel_tol: float = 1e-3) -> dict:
+    """Score predictions against TAT-QA data: a raw TAT-QA file (every question is a gold question) or
+    a prepared file of converted records. Predictions: the official ``{uid: [answer, scale]}`` or the
+    project's JSONL (scored in the question's unit unless an entry has a ``scale``).
+
+    Returns ``{"tatqa": {exact_match, f1, n, by_answer_type, ...}, "finqa": {FinQA execution accuracy
+    of the converted arithmetic questions that have a prediction}, ...}``.
+    """
+    from fingrpo.data.tatqa import is_tatqa_file, load_tatqa, to_finqa_records
+    from fingrpo.io import read_json
+    from fingrpo.official import tatqa_scale_to_num, tatqa_to_number
+
+    raw = read_json(data_path)
+    if is_tatqa_file(raw):
+        contexts = load_tatqa(data_path)
+        records, _ = to_finqa_records(contexts)
+        golds = [q.model_dump() for c in contexts for q in c.questions]
+    else:
+        records = _load_records(data_path)
+        golds = [g for g in (tatqa_gold(r) for r in records) if g is not None]
+        if not golds:
+            raise DataError(f"{data_path}: no TAT-QA questions (neither the TAT-QA format nor converted records)")
+    by_id = {r["id"] if isinstance(r, dict) else r.id: r for r in records}
+    pred_raw = read_json(predictions_path) if str(predictions_path).endswith(".json") else None
+    finqa_entries: list[dict] = []
+    if _is_tatqa_official(pred_raw):
+        official = load_tatqa_predictions(predictions_path)
+        kind, scale_source = "tatqa_official", "prediction"
+        rows = [(g, *official.get(g["uid"], (None, None))) for g in golds]
+        for g in golds:
+            if g["uid"] in official and g["uid"] in by_id:
+                answer, scale = official[g["uid"]]
+                num = tatqa_to_number(str(answer)) if answer is not None else None
+                if num is not None:  # the answer in the question's unit, a percent as a fraction
+                    value = num / 100 if scale == "percent" and "%" not in str(answer) else num
+                    if scale != "percent":
+                        value = value * tatqa_scale_to_num(scale) / tatqa_scale_to_num(g["scale"])
+                    finqa_entries.append({"id": g["uid"], "answer": value})
+    else:
+        entries, kind = load_predictions(predictions_path)
+        by_pred = {e["id"]: e for e in entries}
+        scale_source = "prediction" if any(isinstance(e.get("scale"), str) for e in entries) else "gold"
+        rows = []
+        for g in golds:
+            entry = by_pred.get(g["uid"])
+            if entry is None:
+                rows.append((g, None, None))
+                continue
+            record = by_id.get(g["uid"]) or {"id": g["uid"], "table": [], "qa": {"exe_ans": 0.0, "program": None}}
+            scored = score_prediction(entry, record, rel_tol)
+            scale = entry.get("scale") if isinstance(entry.get("scale"), str) else None
+            rows.append((g, *tatqa_prediction_of(scored, g, scale)))
+        finqa_entries = [e for e in entries if e["id"] in by_id]
+    finqa = score_predictions(finqa_entries, list(by_id.values()), rel_tol=rel_tol)
+    return {
+        "tatqa": {**tatqa_scores(rows), "predicted": sum(a is not None for _, a, _ in rows), "scale_source": scale_source},
+        "finqa": {k: finqa[k] for k in ("n", "execution_accuracy", "tolerant_accuracy", "program_accuracy", "correct")},
+        "converted_questions": len(by_id),
+        "predictions_format": kind, "predictions_path": str(predictions_path), "data_path": str(data_path),
+    }
+
+
 def score_files(predictions_path: str | Path, data_path: str | Path, rel_tol: float = 1e-3) -> dict:
-    """Score a predictions file against a FinQA split (what ``fingrpo score`` prints).
+    """Score a predictions file against a FinQA split (what ``fingrpo score`` prints); TAT-QA data (a raw
+    TAT-QA file, or prepared records) or TAT-QA official predictions go to :func:`score_tatqa_files`.
 
     >>> score_files("preds.json", "data/finqa/test.json")["execution_accuracy"]   # doctest: +SKIP
     1.0
     """
+    from fingrpo.data.tatqa import is_tatqa_file
+    from fingrpo.io import read_json
+
+    raw = read_json(data_path)
+    if is_tatqa_file(raw) or (isinstance(raw, list) and raw and isinstance(raw[0], dict) and "tatqa" in raw[0]):
+        return score_tatqa_files(predictions_path, data_path, rel_tol)
     entries, kind = load_predictions(predictions_path)
     records = _load_records(data_path)
     result = score_predictions(entries, records, rel_tol=rel_tol)
@@ -523,100 +674,157 @@ def _metrics(rows: list[dict], samples: int, seed: int) -> dict:
     return out
 
 
-def _evaluate_model(model, tokenizer, examples, records, prompts, rewards, cfg, model_name, split, subset) -> tuple[dict, list[dict]]:
+def _generate_rows(model, tokenizer, examples, records, prompts, rewards, cfg, model_name) -> tuple[list[dict], dict]:
+    """Greedy completions of one model for ``records``, each scored (FinQA rules, TAT-QA's for converted
+    records) and rewarded: one row per record (what predictions.jsonl holds)."""
+    from fingrpo.data.sources import dataset_of
+    from fingrpo.official import tatqa_em_f1
     from fingrpo.rewards import score_completions
 
     ecfg = cfg.evaluate
     completions = generate_completions(model, tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size)
-    scored = [score_prediction({"id": r.id, "completion": c}, r, ecfg.rel_tolerance) for r, c in zip(records, completions)]
     reward = score_completions(rewards, prompts, completions, examples, cfg.rewards.nan_value)
-    metrics = _metrics(scored, ecfg.bootstrap_samples, ecfg.bootstrap_seed)
-    metrics["rewards"] = reward.means()
-    metrics["reward_total"] = _mean(reward.total)
-    metrics["reward_failures"] = dict(reward.failures)
-    sub = [s for s, r in zip(scored, records) if r.id in subset]
-    metrics["random_subset"] = _metrics(sub, ecfg.bootstrap_samples, ecfg.bootstrap_seed)
     rows = []
-    for i, (rec, completion, s) in enumerate(zip(records, completions, scored)):
-        rows.append({
-            "id": rec.id, "split": split, "model": model_name, "random_subset": rec.id in subset,
+    for i, (rec, completion) in enumerate(zip(records, completions)):
+        s = score_prediction({"id": rec.id, "completion": completion}, rec, ecfg.rel_tolerance)
+        row = {
+            "id": rec.id, "dataset": dataset_of(rec), "model": model_name,
             "completion": completion, "program": s["program"], "answer": s["answer"], "value": s["value"],
             "exe_ans": s["exe_ans"], "correct_official": s["correct_official"],
             "correct_tolerant": s["correct_tolerant"], "program_correct": s["program_correct"],
             "format_ok": s["format_ok"], "error": s["error"],
             "rewards": {name: vals[i] for name, vals in reward.per_function.items()},
             "reward_total": reward.total[i],
-        })
-    return metrics, rows
+        }
+        gold = tatqa_gold(rec)
+        if gold is not None:
+            answer, scale = tatqa_prediction_of(s, gold)
+            row["tatqa_exact_match"] = tatqa_em_f1(gold, answer, scale)[0]
+            row["tatqa_prediction"] = [answer, scale]
+        rows.append(row)
+    return rows, dict(reward.failures)
+
+
+def _set_metrics(rows: list[dict], cfg) -> dict:
+    """Accuracies with intervals, reward means and (for TAT-QA records) the official exact match."""
+    ecfg = cfg.evaluate
+    metrics = _metrics(rows, ecfg.bootstrap_samples, ecfg.bootstrap_seed)
+    names = sorted({n for r in rows for n in r["rewards"]})
+    metrics["rewards"] = {n: _mean([r["rewards"][n] for r in rows if n in r["rewards"]]) for n in names}
+    metrics["reward_total"] = _mean([r["reward_total"] for r in rows])
+    tatqa = [r["tatqa_exact_match"] for r in rows if "tatqa_exact_match" in r]
+    if tatqa:
+        metrics["tatqa_exact_match"] = _mean(tatqa)
+        metrics["tatqa_exact_match_ci"] = bootstrap_ci(tatqa, ecfg.bootstrap_samples, ecfg.bootstrap_seed)
+    metrics["datasets"] = {d: sum(r["dataset"] == d for r in rows) for d in sorted({r["dataset"] for r in rows})}
+    return metrics
+
+
+SUMMARY_KEYS = ("execution_accuracy", "tolerant_accuracy", "program_accuracy", "format_rate", "reward_total", "n")
 
 
 def evaluate_from_config(cfg: Any, adapter_dir: str | Path | None = None, base_only: bool = False) -> dict:
     """Greedy evaluation of the adapter (default ``train.output_dir``) and, with
-    ``evaluate.compare_base``, of the base model (adapter disabled) under the same harness.
+    ``evaluate.compare_base``, of the base model (adapter disabled) under the same harness, on every
+    evaluation set (``data.eval_sets``, :func:`fingrpo.data.sources.eval_sets`), each reported apart.
     ``base_only``: the base model alone, no adapter needed (the baseline table of docs/results.md).
 
-    Writes ``evaluate.output_path``::
+    A record that is in several sets (the FinQA dev random subset is part of FinQA dev) is generated
+    once per model. Writes ``evaluate.output_path``::
 
-        {"dev": {"adapter": {"n", "execution_accuracy", "execution_accuracy_ci": [lo, hi],
-                             "tolerant_accuracy", "program_accuracy", "format_rate" (each + "_ci"),
-                             "rewards": {name: mean}, "reward_total", "reward_failures",
-                             "random_subset": {same accuracies on the split's random-sample records}},
-                 "base": {...}},
-         "summary": {"dev.adapter.execution_accuracy": ..., ..., "adapter_dir": ..., "model": ...}}
+        {"dev": {"finqa_random": {"adapter": {"n", "execution_accuracy", "execution_accuracy_ci": [lo, hi],
+                                              "tolerant_accuracy", "program_accuracy", "format_rate" (each + "_ci"),
+                                              "rewards": {name: mean}, "reward_total",
+                                              "tatqa_exact_match" (TAT-QA records), "datasets": {name: n},
+                                              "random_subset": {accuracies on its FinQA random-sample records}},
+                                  "base": {...}},
+                 "finqa_all": {...}, "tatqa": {...},
+                 "pooled": {...}},            # every record of the sets marked pooled, once
+         "summary": {"dev.finqa_random.adapter.execution_accuracy": ..., ..., "adapter_dir": ..., "model": ...}}
 
-    and ``evaluate.predictions_path`` (JSONL, one row per record and model). Returns the same dict.
+    and ``evaluate.predictions_path`` (JSONL, one row per record and model, with the sets it is in).
+    Returns the same dict.
     """
-    from fingrpo.data.finqa import load_split, make_examples, random_subset_ids, render_prompt
+    from fingrpo.data.finqa import make_examples, render_prompt
+    from fingrpo.data.sources import eval_records, eval_sets, training_pool
     from fingrpo.io import write_json_atomic, write_jsonl_atomic
     from fingrpo.model import load_adapter, load_model_and_tokenizer
     from fingrpo.rewards import build_rewards
 
     ecfg = cfg.evaluate
     adapter_dir = None if base_only else str(adapter_dir or cfg.train.output_dir)
-    # config -> data -> model -> generate + score -> write
+    # config -> data -> model -> generate + score (each distinct record once per model) -> per-set figures -> write
     rewards = build_rewards(cfg.rewards)
-    few_shot = load_split(cfg.data.train_path) if cfg.prompt.few_shot else None
+    few_shot = training_pool(cfg)[0] if cfg.prompt.few_shot else None
     base, tokenizer = load_model_and_tokenizer(cfg.model)
     model = base if base_only else load_adapter(base, adapter_dir)
     model.eval()
 
+    sets = eval_sets(cfg)
+    members: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (split, set name) -> [(path, record id)]
+    random_ids: dict[str, set[str]] = {}
+    distinct: dict[tuple[str, str], Any] = {}
+    for es in sets:
+        records, random_ids[es.path] = eval_records(cfg, es)
+        members[es.split, es.name] = [(es.path, r.id) for r in records]
+        for r in records:
+            distinct.setdefault((es.path, r.id), r)
+    keys = list(distinct)
+    records = [distinct[k] for k in keys]
+    examples = make_examples(records, cfg.prompt, tokenizer, few_shot_records=few_shot)
+    prompts = [render_prompt(e, tokenizer, cfg.prompt.use_chat_template) for e in examples]
+    variants = [("base" if base_only else "adapter", contextlib.nullcontext)]
+    if ecfg.compare_base and not base_only:
+        variants.append(("base", model.disable_adapter))  # the same weights, LoRA switched off
+    by_model: dict[str, dict[tuple[str, str], dict]] = {}
+    failures: dict[str, dict] = {}
+    for name, ctx in variants:
+        log.info("evaluating %s on %d records of %d sets", name, len(records), len(sets))
+        with ctx():
+            rows, failures[name] = _generate_rows(model, tokenizer, examples, records, prompts, rewards, cfg, name)
+        by_model[name] = dict(zip(keys, rows))
+
     result: dict[str, Any] = {}
-    rows: list[dict] = []
     summary: dict[str, Any] = {}
-    for split in ecfg.splits:
-        path = getattr(cfg.data, f"{split}_path")
-        records = load_split(path)
-        subset = random_subset_ids(cfg.data.provenance_path, split)
-        if ecfg.subset == "random":
-            records = [r for r in records if r.id in subset]
-        if ecfg.max_records is not None:
-            records = records[: ecfg.max_records]
-        examples = make_examples(records, cfg.prompt, tokenizer, few_shot_records=few_shot)
-        prompts = [render_prompt(e, tokenizer, cfg.prompt.use_chat_template) for e in examples]
-        variants = [("base" if base_only else "adapter", contextlib.nullcontext)]
-        if ecfg.compare_base and not base_only:
-            variants.append(("base", model.disable_adapter))  # the same weights, LoRA switched off
-        result[split] = {}
-        for name, ctx in variants:
-            log.info("evaluating %s on %s (%d records)", name, split, len(records))
-            with ctx():
-                metrics, model_rows = _evaluate_model(
-                    model, tokenizer, examples, records, prompts, rewards, cfg, name, split, subset
-                )
-            result[split][name] = metrics
-            rows += model_rows
-            for key in ("execution_accuracy", "tolerant_accuracy", "program_accuracy", "format_rate", "reward_total"):
-                summary[f"{split}.{name}.{key}"] = metrics[key]
-            summary[f"{split}.{name}.random_subset.execution_accuracy"] = metrics["random_subset"]["execution_accuracy"]
-            summary[f"{split}.{name}.n"] = metrics["n"]
+    pooled_keys: dict[str, list[tuple[str, str]]] = {}
+    for es in sets:
+        if es.pooled:
+            pooled_keys.setdefault(es.split, [])
+            pooled_keys[es.split] += [k for k in members[es.split, es.name] if k not in pooled_keys[es.split]]
+    groups = [(es.split, es.name, members[es.split, es.name]) for es in sets]
+    groups += [(split, "pooled", ks) for split, ks in pooled_keys.items()]
+    for split, set_name, set_keys in groups:
+        body = result.setdefault(split, {}).setdefault(set_name, {})
+        for name, _ in variants:
+            metrics = _set_metrics([by_model[name][k] for k in set_keys], cfg)
+            metrics["reward_failures"] = failures[name]  # over every record this model generated for
+            sample = [k for k in set_keys if k[1] in random_ids.get(k[0], set())]
+            if any(random_ids.get(p) for p, _ in set_keys):  # its FinQA random-sample records (the rest are harder)
+                sub = [by_model[name][k] for k in sample]
+                metrics["random_subset"] = _metrics(sub, ecfg.bootstrap_samples, ecfg.bootstrap_seed)
+            body[name] = metrics
+            for key in SUMMARY_KEYS + (("tatqa_exact_match",) if "tatqa_exact_match" in metrics else ()):
+                summary[f"{split}.{set_name}.{name}.{key}"] = metrics[key]
+    member_sets = {k: set(v) for k, v in members.items()}
+    out_rows = []
+    for name, _ in variants:
+        for key in keys:
+            path, rid = key
+            row = dict(by_model[name][key])
+            row["sets"] = [es.name for es in sets if key in member_sets[es.split, es.name]]
+            row["split"] = next(es.split for es in sets if key in member_sets[es.split, es.name])
+            row["random_subset"] = rid in random_ids.get(path, set())
+            out_rows.append(row)
     summary.update({
         "adapter_dir": adapter_dir, "model": cfg.model.name_or_path, "subset": ecfg.subset,
+        "sets": {f"{es.split}.{es.name}": {"path": es.path, "n": len(members[es.split, es.name]), "subset": es.subset,
+                                           "pooled": es.pooled} for es in sets},
         "prompt": f"{cfg.prompt.context_mode}, {cfg.prompt.few_shot}-shot",
         "max_records": ecfg.max_records,
     })
     result["summary"] = summary
     write_json_atomic(ecfg.output_path, result)
-    write_jsonl_atomic(ecfg.predictions_path, rows)
+    write_jsonl_atomic(ecfg.predictions_path, out_rows)
     return result
 
 
@@ -628,6 +836,8 @@ __all__ = [
     "score_predictions",
     "load_predictions",
     "score_files",
+    "score_tatqa_files",
+    "tatqa_scores",
     "generate_completions",
     "bootstrap_ci",
     "evaluate_from_config",

@@ -39,13 +39,59 @@ log = logging.getLogger(__name__)
 
 
 def split_paths(cfg: "Config") -> list[str]:
-    """The data section's three splits, in train/dev/test order.
+    """Every data file the config trains or evaluates on: FinQA's three splits, then the other training
+    sources and evaluation sets (:func:`fingrpo.data.sources.data_files`).
 
     >>> from fingrpo.config import load_config
     >>> split_paths(load_config(None))
     ['data/finqa/train.json', 'data/finqa/dev.json', 'data/finqa/test.json']
     """
-    return [cfg.data.train_path, cfg.data.dev_path, cfg.data.test_path]
+    from fingrpo.data.sources import data_files
+
+    return data_files(cfg)
+
+
+PREPARED_FILES = ("tatqa_train.json", "tatqa_dev.json")
+
+
+def needs_prepare(cfg: "Config") -> bool:
+    """Whether a file the config trains or evaluates on is an output of :func:`prepare_stage`."""
+    out = Path(cfg.prepare.output_dir).resolve()
+    return any(out in Path(p).resolve().parents for p in split_paths(cfg))
+
+
+def prepare_stage(cfg: "Config", input_path: str | None = None, output_dir: str | None = None,
+                  report_path: str | None = None) -> dict:
+    """Raw TAT-QA -> FinQA-shaped ``tatqa_train.json`` / ``tatqa_dev.json`` (split by table) + the report.
+
+    Defaults come from the ``prepare`` section; ``--output-dir`` alone puts the report beside the files.
+    Returns the report (counts per answer type and per drop reason, and per split).
+    """
+    from fingrpo.data.tatqa import load_tatqa, split_by_table, to_finqa_records
+    from fingrpo.io import write_json_atomic
+
+    pcfg = cfg.prepare
+    input_path = input_path or pcfg.input_path
+    if report_path is None:
+        report_path = str(Path(output_dir) / "prepare.json") if output_dir else pcfg.report_path
+    output_dir = output_dir or pcfg.output_dir
+    contexts = load_tatqa(input_path)
+    train, dev = split_by_table(contexts, pcfg.dev_fraction, pcfg.seed)
+    records, report = to_finqa_records(contexts)
+    by_uid = {r["id"]: r for r in records}
+    out = {"input": str(input_path), "dev_fraction": pcfg.dev_fraction, "seed": pcfg.seed, **report.to_dict(),
+           "splits": {}}
+    for name, part, filename in (("train", train, PREPARED_FILES[0]), ("dev", dev, PREPARED_FILES[1])):
+        recs = [by_uid[q.uid] for c in part for q in c.questions if q.uid in by_uid]
+        if not recs:
+            raise DataError(f"prepare: the {name} split of {input_path} has no converted question "
+                            f"({len(part)} tables; prepare.dev_fraction={pcfg.dev_fraction})")
+        write_json_atomic(Path(output_dir) / filename, recs)
+        out["splits"][name] = {"path": str(Path(output_dir) / filename), "tables": len(part),
+                               "questions": sum(len(c.questions) for c in part), "records": len(recs)}
+    write_json_atomic(report_path, out)
+    log.info("prepare: %d of %d questions converted -> %s", report.converted, report.questions, output_dir)
+    return out
 
 
 def validate_stage(cfg: "Config", files: list[str] | None = None) -> int:

@@ -96,7 +96,8 @@ def read_metrics_csv(path: str | os.PathLike):
 
 
 def read_eval_json(path: str | os.PathLike) -> dict[str, dict[str, dict]]:
-    """``eval.json`` -> ``{split: {"base"/"adapter": metrics}}`` (other top-level keys are ignored).
+    """``eval.json`` -> ``{split: {"base"/"adapter": metrics}}``, or ``{"<split>/<set>": ...}`` for an
+    eval.json of several evaluation sets (other top-level keys are ignored).
 
     Raises :class:`DataError` when the file is missing/malformed or holds no split with a model's metrics.
     """
@@ -105,11 +106,19 @@ def read_eval_json(path: str | os.PathLike) -> dict[str, dict[str, dict]]:
     data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object of splits, got {type(data).__name__}")
-    splits = {
-        split: {model: m for model, m in body.items() if model in ("base", "adapter") and isinstance(m, dict)}
-        for split, body in data.items()
-        if isinstance(body, dict)
-    }
+    def models(body: dict) -> dict:
+        return {model: m for model, m in body.items() if model in ("base", "adapter") and isinstance(m, dict)}
+
+    splits: dict[str, dict] = {}
+    for split, body in data.items():
+        if not isinstance(body, dict):
+            continue
+        if models(body):  # {split: {model: metrics}}
+            splits[split] = models(body)
+        else:  # {split: {set: {model: metrics}}}: one entry per evaluation set
+            for name, set_body in body.items():
+                if isinstance(set_body, dict):
+                    splits[f"{split}/{name}"] = models(set_body)
     splits = {s: b for s, b in splits.items() if b}
     if not splits:
         raise DataError(f"{path}: no split holds 'adapter' or 'base' metrics (keys: {sorted(data)})")

@@ -55,6 +55,8 @@ def results_table(runs: dict[str, dict], split: str = "dev") -> str:
         "| all records: n | exec. acc. % [95% CI] | format % |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
+    if any(not ({"adapter", "base"} & set(run["eval"].get(split, {}))) for run in runs.values()):
+        return _sets_table(runs, split)
     lines = []
     for name, run in runs.items():
         body = run["eval"].get(split, {})
@@ -73,6 +75,29 @@ def results_table(runs: dict[str, dict], split: str = "dev") -> str:
                 f"| {_pct(r.get('execution_accuracy'), r.get('execution_accuracy_ci'))} "
                 f"| {_pct(r.get('tolerant_accuracy'))} | {_pct(r.get('format_rate'))} | " + " | ".join(all_cells) + " |"
             )
+    return head + "\n".join(lines) + "\n"
+
+
+def _sets_table(runs: dict[str, dict], split: str) -> str:
+    """Markdown for an eval.json of several evaluation sets: one row per (run, set, model)."""
+    head = (
+        "| run | set | model | prompt | n | exec. acc. % [95% CI] | tolerant % | format % | TAT-QA EM % |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for name, run in runs.items():
+        prompt = run["eval"].get("summary", {}).get("prompt", "")
+        for set_name, body in run["eval"].get(split, {}).items():
+            for model in ("base", "adapter"):
+                m = body.get(model) if isinstance(body, dict) else None
+                if not m:
+                    continue
+                tatqa = _pct(m["tatqa_exact_match"], m.get("tatqa_exact_match_ci")) if "tatqa_exact_match" in m else "–"
+                lines.append(
+                    f"| {name} | {set_name} | {model} | {prompt} | {m.get('n', '–')} "
+                    f"| {_pct(m.get('execution_accuracy'), m.get('execution_accuracy_ci'))} "
+                    f"| {_pct(m.get('tolerant_accuracy'))} | {_pct(m.get('format_rate'))} | {tatqa} |"
+                )
     return head + "\n".join(lines) + "\n"
 
 

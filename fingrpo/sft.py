@@ -187,25 +187,22 @@ def _write_rows(path: str | Path, rows: list[dict]) -> None:
 def sft_from_config(cfg: Any) -> dict:
     """config → model → fresh LoRA (seeded) → ``sft.epochs`` passes → ``sft.output_dir`` + summary.
 
-    The train records are the same ones GRPO trains on (the first ``prompt.few_shot`` are the worked
-    examples and are left out; ``train.max_train_records`` applies).
+    The train records are the same ones GRPO trains on (:func:`fingrpo.data.sources.training_pool`: the
+    worked examples are left out, the sources are mixed, ``train.max_train_records`` applies).
     """
     import torch
     from transformers import set_seed
 
-    from fingrpo.data.finqa import load_split, make_examples
+    from fingrpo.data.finqa import make_examples
+    from fingrpo.data.sources import train_sources, training_pool
     from fingrpo.model import add_lora, load_model_and_tokenizer
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    records = load_split(cfg.data.train_path)
-    few = records[: cfg.prompt.few_shot]
-    records = records[cfg.prompt.few_shot :]
-    if cfg.train.max_train_records is not None:
-        records = records[: cfg.train.max_train_records]
+    few, records = training_pool(cfg)
     if not records:
-        raise TrainingError(f"sft: no train records left in {cfg.data.train_path} after the worked examples")
+        raise TrainingError(f"sft: no train records left in {[s.path for s in train_sources(cfg)]} after the worked examples")
     examples = make_examples(records, cfg.prompt, tokenizer=tokenizer, few_shot_records=few)
     set_seed(cfg.sft.seed)
     policy = add_lora(model, cfg.lora)

@@ -1,4 +1,4 @@
-"""Prefect flow ``retrain``: validate -> train -> evaluate -> plot -> promote, for scheduled retraining.
+"""Prefect flow ``retrain``: prepare -> validate -> sft -> train -> evaluate -> plot -> promote, for scheduled retraining.
 
 Each task calls one stage function of :mod:`fingrpo.pipeline` (the same ones ``dvc repro`` runs
 through the ``fingrpo`` CLI) and has no logic of its own. Run it once, in-process::
@@ -63,6 +63,11 @@ def _is_transient(task, task_run, state) -> bool:
 _TRACKED = dict(
     cache_policy=NONE, retries=RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_is_transient
 )
+
+
+@task(name="prepare", cache_policy=NONE)
+def prepare_task(cfg: Config) -> dict:
+    return pipeline.prepare_stage(cfg)
 
 
 @task(name="validate", cache_policy=NONE)
@@ -158,7 +163,7 @@ def summary_markdown(train: dict, evaluation: dict, plots: list[str], promotion:
 
 @flow(name="retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", overrides: dict | None = None, resume: bool = False) -> dict:
-    """Validate the data, warm-start (sft, when ``train.init_adapter`` is set), train with GRPO, evaluate,
+    """Prepare the TAT-QA splits (when the config uses them), validate the data, warm-start (sft, when ``train.init_adapter`` is set), train with GRPO, evaluate,
     plot, and promote the adapter if it beats the champion.
 
     ``overrides`` replace params.yaml values for this run: ``{"train.max_steps": 2}`` or nested.
@@ -169,6 +174,8 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
     cfg = load_config(params_path, normalize_overrides(overrides))
     logger.info("config: %s", cfg.public_dump())
 
+    if pipeline.needs_prepare(cfg):  # a training source or evaluation set is a prepared TAT-QA file
+        prepare_task(cfg)
     if validate_task(cfg) != 0:
         from prefect.states import Failed
 

@@ -58,8 +58,11 @@ def test_identical_models_give_identical_numbers_and_full_structure(tmp_path, ti
     assert written == json.loads(json.dumps(result))
     assert set(written) == {"dev", "test", "summary"}
     for split in ("dev", "test"):
-        assert set(written[split]) == {"adapter", "base"}
-        adapter, base = written[split]["adapter"], written[split]["base"]
+        # data.eval_sets null: one set "finqa" per split, and the pooled figure (here the same records)
+        assert set(written[split]) == {"finqa", "pooled"}
+        assert written[split]["pooled"] == written[split]["finqa"]
+        assert set(written[split]["finqa"]) == {"adapter", "base"}
+        adapter, base = written[split]["finqa"]["adapter"], written[split]["finqa"]["base"]
         for body in (adapter, base):
             assert body["n"] == 3
             for key in ACCURACY_KEYS:
@@ -70,14 +73,14 @@ def test_identical_models_give_identical_numbers_and_full_structure(tmp_path, ti
             assert set(body["random_subset"]) >= {"n", *ACCURACY_KEYS}
         # LoRA's B = 0 at init: the adapter is the base model, so every number must agree
         assert adapter == base
-    assert written["summary"]["dev.adapter.execution_accuracy"] == written["dev"]["adapter"]["execution_accuracy"]
+    assert written["summary"]["dev.finqa.adapter.execution_accuracy"] == written["dev"]["finqa"]["adapter"]["execution_accuracy"]
     assert written["summary"]["adapter_dir"] == str(zero_adapter)
     # the random subset of dev: the first records of dev.json come from the random sample or not
     from fingrpo.data.finqa import load_split, random_subset_ids
 
     subset = random_subset_ids(data_dir / "provenance.json", "dev")
     first = [r.id for r in load_split(data_dir / "dev.json")[:3]]
-    assert written["dev"]["adapter"]["random_subset"]["n"] == sum(i in subset for i in first)
+    assert written["dev"]["finqa"]["adapter"]["random_subset"]["n"] == sum(i in subset for i in first)
 
     rows = [json.loads(line) for line in Path(cfg.evaluate.predictions_path).read_text().splitlines()]
     assert len(rows) == 2 * 2 * 3  # splits x models x records
@@ -173,13 +176,72 @@ def test_base_only_on_the_random_subset_needs_no_adapter(tmp_path, tiny_model_pa
     cfg = _config(tmp_path, tiny_model_path, data_dir, tmp_path / "no-such-adapter", splits=["dev"],
                   subset="random", max_records=4)
     result = evaluate_from_config(cfg, base_only=True)
-    assert set(result["dev"]) == {"base"}
+    assert set(result["dev"]["finqa"]) == {"base"}
     subset = random_subset_ids(data_dir / "provenance.json", "dev")
     expected = [r.id for r in load_split(data_dir / "dev.json") if r.id in subset][:4]
     rows = [json.loads(line) for line in Path(cfg.evaluate.predictions_path).read_text().splitlines()]
     assert [r["id"] for r in rows] == expected
     assert all(r["random_subset"] and r["model"] == "base" for r in rows)
-    assert result["dev"]["base"]["n"] == result["dev"]["base"]["random_subset"]["n"] == 4
+    assert result["dev"]["finqa"]["base"]["n"] == result["dev"]["finqa"]["base"]["random_subset"]["n"] == 4
     assert result["summary"]["subset"] == "random" and result["summary"]["adapter_dir"] is None
     # the records are not the first four of dev.json (which mixes in the error-file records)
     assert expected != [r.id for r in load_split(data_dir / "dev.json")[:4]]
+
+
+def _prepared_tatqa(tmp_path: Path, n: int) -> Path:
+    """The n converted TAT-QA records with the shortest supporting facts (the char tokenizer: 1 token per char)."""
+    from fingrpo.data.tatqa import load_tatqa, to_finqa_records
+
+    records, _ = to_finqa_records(load_tatqa(Path(__file__).resolve().parents[1] / "data/tatqa/tatqa_dataset_dev.json"))
+    records = sorted(records, key=lambda r: len(" ".join(r["qa"]["gold_inds"].values())) + len(r["qa"]["question"]))[:n]
+    path = tmp_path / "tatqa_dev.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_each_evaluation_set_is_reported_apart_and_the_pooled_figure_counts_each_record_once(
+    tmp_path, tiny_model_path, data_dir, zero_adapter
+):
+    tatqa = _prepared_tatqa(tmp_path, 3)
+    cfg = _config(tmp_path, tiny_model_path, data_dir, zero_adapter, max_records=None)
+    cfg = load_config(None, {**cfg.model_dump(mode="json"), "data": {**cfg.data.model_dump(mode="json"), "eval_sets": [
+        {"name": "finqa_random", "split": "dev", "subset": "random", "max_records": 2, "pooled": True},
+        {"name": "finqa_all", "split": "dev", "max_records": 4},
+        {"name": "tatqa", "path": str(tatqa), "pooled": True},
+    ]}})
+    result = evaluate_from_config(cfg)
+    dev = result["dev"]
+    assert set(dev) == {"finqa_random", "finqa_all", "tatqa", "pooled"}
+    assert [dev[s]["adapter"]["n"] for s in ("finqa_random", "finqa_all", "tatqa", "pooled")] == [2, 4, 3, 5]
+    assert dev["tatqa"]["adapter"]["datasets"] == {"tatqa": 3} and "tatqa_exact_match" in dev["tatqa"]["base"]
+    assert dev["pooled"]["adapter"]["datasets"] == {"finqa": 2, "tatqa": 3}
+    assert "tatqa_exact_match" not in dev["finqa_all"]["adapter"]
+    summary = result["summary"]
+    for key in ("dev.finqa_random.adapter.execution_accuracy", "dev.finqa_all.base.execution_accuracy",
+                "dev.tatqa.adapter.tatqa_exact_match", "dev.pooled.adapter.execution_accuracy"):
+        assert key in summary, key
+    # a record in two sets (the random subset is part of dev) is generated once per model
+    rows = [json.loads(line) for line in Path(cfg.evaluate.predictions_path).read_text().splitlines()]
+    keys = [(r["model"], r["id"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    random_ids = {r["id"] for r in rows if "finqa_random" in r["sets"]}
+    assert len(random_ids) == 2 and all(r["random_subset"] for r in rows if r["id"] in random_ids)
+    distinct = {r["id"] for r in rows if {"finqa_random", "finqa_all"} & set(r["sets"])}
+    assert len(rows) == 2 * (len(distinct) + 3)  # models x distinct records (FinQA ones, then TAT-QA)
+    assert {r["dataset"] for r in rows if "tatqa" in r["sets"]} == {"tatqa"}
+    # the pooled figure is the mean over its distinct records
+    pooled = [r for r in rows if r["model"] == "adapter" and ({"finqa_random", "tatqa"} & set(r["sets"]))]
+    assert dev["pooled"]["adapter"]["execution_accuracy"] == pytest.approx(
+        sum(r["correct_official"] for r in pooled) / len(pooled))
+
+
+def test_a_random_subset_of_a_file_without_provenance_is_a_config_error(tmp_path, tiny_model_path, data_dir, zero_adapter):
+    from fingrpo.errors import ConfigError
+
+    tatqa = _prepared_tatqa(tmp_path, 2)
+    cfg = _config(tmp_path, tiny_model_path, data_dir, zero_adapter)
+    cfg = load_config(None, {**cfg.model_dump(mode="json"), "data": {**cfg.data.model_dump(mode="json"), "eval_sets": [
+        {"name": "tatqa", "path": str(tatqa), "subset": "random"}]}})
+    with pytest.raises(ConfigError, match="data.eval_sets.tatqa: subset 'random' needs a FinQA split"):
+        evaluate_from_config(cfg)
+    assert not Path(cfg.evaluate.output_path).exists()

@@ -54,7 +54,8 @@ def work(tmp_path_factory, data_dir, tiny_model_path):
         "data": {"train_path": _small_split(data_dir / "train.json", data / "train.json", 6),
                  "dev_path": _small_split(data_dir / "dev.json", data / "dev.json", 4),
                  "test_path": _small_split(data_dir / "test.json", data / "test.json", 4),
-                 "provenance_path": str(provenance)},
+                 "provenance_path": str(provenance),
+                 "train_sources": None, "eval_sets": None},  # FinQA alone (the DVC pipeline test covers TAT-QA)
         "model": {"name_or_path": str(tiny_model_path)},
         "prompt": {"few_shot": 0, "max_prompt_tokens": 256},
         "train": {"max_steps": 2, "prompts_per_step": 1, "group_size": 2, "max_new_tokens": 8, "warmup_steps": 0,

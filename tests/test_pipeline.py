@@ -190,6 +190,9 @@ def make_tiny_project(root: Path, data_dir: Path, model_path: Path) -> dict:
     for split, n in (("train", 6), ("dev", 4), ("test", 4)):
         _small_split(data_dir / f"{split}.json", root / "data/finqa" / f"{split}.json", n)
     shutil.copy(data_dir / "provenance.json", root / "data/finqa/provenance.json")
+    tatqa = json.loads((data_dir.parent / "tatqa" / "tatqa_dataset_dev.json").read_text(encoding="utf-8"))[:30]
+    (root / "data/tatqa").mkdir(parents=True)
+    (root / "data/tatqa/tatqa_dataset_dev.json").write_text(json.dumps(tatqa), encoding="utf-8")
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"].update(name_or_path=str(model_path))
@@ -199,6 +202,8 @@ def make_tiny_project(root: Path, data_dir: Path, model_path: Path) -> dict:
     params["sft"].update(epochs=1, batch_size=3)
     params["evaluate"].update(max_records=2, max_new_tokens=8, batch_size=2, bootstrap_samples=10)
     params["pipeline"].update(data_docs=False)
+    params["prepare"].update(dev_fraction=0.3)
+    params["data"]["train_sources"][1]["max_records"] = 3  # 6 FinQA + 3 TAT-QA records
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -230,8 +235,8 @@ def test_dvc_pipeline_reproduces_incrementally(tmp_path, data_dir, tiny_model_pa
     env = make_tiny_project(root, data_dir, tiny_model_path)
 
     first = _dvc(root, env, "repro")
-    assert _ran(first) == {"validate", "sft", "train", "evaluate", "plot", "register"}
-    for rel in ("reports/validation.json", "reports/sft.json", "models/sft/adapter_model.safetensors", "reports/train.json", "reports/train_metrics.csv", "reports/eval.json",
+    assert _ran(first) == {"prepare", "validate", "sft", "train", "evaluate", "plot", "register"}
+    for rel in ("reports/prepare.json", "prepared/tatqa_train.json", "prepared/tatqa_dev.json", "reports/validation.json", "reports/sft.json", "models/sft/adapter_model.safetensors", "reports/train.json", "reports/train_metrics.csv", "reports/eval.json",
                 "reports/predictions.jsonl", "reports/promotion.json", "models/adapter"):
         assert (root / rel).exists(), rel
     assert list((root / "reports/plots").glob("*.png"))
@@ -251,13 +256,13 @@ def test_dvc_pipeline_reproduces_incrementally(tmp_path, data_dir, tiny_model_pa
 
     # a train knob, as an experiment: train and everything downstream re-run, validate does not
     third = _dvc(root, env, "exp", "run", "-S", "train.learning_rate=0.0005")
-    assert not {"validate", "sft"} & _ran(third), third  # the warm start is upstream of train.*
+    assert not {"prepare", "validate", "sft"} & _ran(third), third  # the warm start is upstream of train.*
     assert {"train", "evaluate", "register"} <= _ran(third), third
     assert "train.learning_rate" in _dvc(root, env, "params", "diff")
     assert "0.0005" in (root / "params.yaml").read_text()
     # metrics of both sides are readable: HEAD's from the cache, the experiment's from the workspace
     diff = json.loads(_dvc(root, env, "metrics", "diff", "--all", "--json"))
-    eval_diff = diff["reports/eval.json"]["dev.adapter.execution_accuracy"]
+    eval_diff = diff["reports/eval.json"]["dev.pooled.adapter.execution_accuracy"]
     assert eval_diff["old"] is not None and eval_diff["new"] is not None
     assert "final_metrics.reward_mean" in diff["reports/train.json"]
     exp_show = json.dumps(json.loads(_dvc(root, env, "exp", "show", "--json")))

@@ -61,7 +61,8 @@ def make_cfg(tmp: Path, model_path: Path | str = "bundled:SmolLM2-135M-Instruct"
         "train": {"output_dir": str(tmp / "adapter"), "metrics_path": str(tmp / "train_metrics.csv")},
         "evaluate": {"output_path": str(tmp / "eval.json"), "predictions_path": str(tmp / "predictions.jsonl"),
                      "max_new_tokens": 6, "batch_size": 2},
-        "register": {"output_path": str(tmp / "promotion.json")},
+        # the gate tests write eval.json by hand in the one-set shape
+        "register": {"output_path": str(tmp / "promotion.json"), "metric": "dev.adapter.execution_accuracy"},
         "tracking": {"tracking_uri": fresh_db(tmp / "mlflow.db"), "run_file": str(tmp / "mlflow_run.json"),
                      "experiment_name": "fingrpo-test", "retry_backoff_s": 0.0},
     }

@@ -1,4 +1,4 @@
-"""Data validation of FinQA splits: a Great Expectations suite plus the semantic program check.
+"""Data validation of FinQA-shaped files (FinQA splits, prepared TAT-QA splits): a Great Expectations suite plus the semantic program check.
 
     fingrpo validate data/finqa/train.json data/finqa/dev.json data/finqa/test.json
     # or: from fingrpo.data.validate import run_validation; code = run_validation([...])
@@ -26,6 +26,8 @@ table_rows_non_empty               the table has rows and each has a non-blank c
 gold_inds_refer_to_context         every ``qa.gold_inds`` key (``text_N``/``table_N``) is in range
 program_executes_to_exe_ans        :func:`fingrpo.dsl.execute` of the gold program, rounded to 5
                                    decimals (official rule), equals ``exe_ans``
+tatqa_program_reproduces_answer    a converted TAT-QA record (``tatqa`` field): the program gives the
+                                   TAT-QA answer under the official TAT-QA rule (FinQA records pass)
 =================================  ==============================================================
 
 A file that cannot be read as a non-empty JSON list (missing, empty, malformed JSON, another top-level
@@ -132,6 +134,13 @@ def _flatten(raw: dict | Any, index: int) -> tuple[dict, dict[str, str]]:
     else:
         why["program_executes_to_exe_ans"] = "not checked: the program does not parse or exe_ans is invalid"
 
+    tatqa_ok = True  # converted TAT-QA records: the program must reproduce the TAT-QA answer (TAT-QA's rule)
+    tatqa = rec.get("tatqa")
+    if tatqa is not None:
+        tatqa_ok, reason = _tatqa_reproduces(tatqa, program if parses else None, table if grid_ok else None)
+        if not tatqa_ok:
+            why["tatqa_program_reproduces_answer"] = reason
+
     text_ok = _is_str_list(rec.get("pre_text")) and _is_str_list(rec.get("post_text"))
     if not text_ok:
         bad = [f for f in ("pre_text", "post_text") if not _is_str_list(rec.get(f))]
@@ -174,8 +183,31 @@ def _flatten(raw: dict | Any, index: int) -> tuple[dict, dict[str, str]]:
         "table_min_row_len": min_row,
         "gold_inds_ok": gold_ok,
         "program_matches_exe_ans": matches,
+        "tatqa_answer_ok": tatqa_ok,
     }
     return row, why
+
+
+def _tatqa_reproduces(tatqa: Any, program: str | None, table: Any) -> tuple[bool, str]:
+    """Whether a converted record's program, executed (unrounded), gives its TAT-QA answer under the
+    official TAT-QA rule, read with the percent convention of :mod:`fingrpo.data.tatqa`."""
+    from fingrpo import dsl
+    from fingrpo.data.tatqa import tatqa_prediction
+    from fingrpo.official import tatqa_match
+
+    needed = ("answer", "answer_type", "scale")
+    if not isinstance(tatqa, dict) or any(k not in tatqa for k in needed):
+        return False, f"tatqa: expected an object with {', '.join(needed)}"
+    if program is None:
+        return False, "not checked: the program does not parse"
+    try:
+        value = dsl.execute(program, table)
+        answer, scale = tatqa_prediction(value, tatqa["scale"])
+        if tatqa_match(tatqa, answer, scale)[0] == 1.0:
+            return True, ""
+        return False, f"{program!r} gives {answer!r} {scale}, the TAT-QA answer is {tatqa['answer']!r} {tatqa['scale']}"
+    except (dsl.ProgramError, ValueError, TypeError) as e:
+        return False, f"{program!r}: {e}"
 
 
 def _expectations(gxe) -> list:
@@ -205,6 +237,10 @@ def _expectations(gxe) -> list:
         rule(
             gxe.ExpectColumnValuesToBeInSet(column="program_matches_exe_ans", value_set=[True]),
             "program_executes_to_exe_ans",
+        ),
+        rule(
+            gxe.ExpectColumnValuesToBeInSet(column="tatqa_answer_ok", value_set=[True]),
+            "tatqa_program_reproduces_answer",
         ),
     ]
 
@@ -288,7 +324,7 @@ def run_validation(
     """Validate FinQA split files; write ``validation.json`` (+ Data Docs); return the exit code.
 
     >>> run_validation(["data/finqa/train.json"], report_dir="reports", data_docs=False)
-    data/finqa/train.json: OK (110 records, 12 rules)
+    data/finqa/train.json: OK (110 records, 13 rules)
     0
     """
     import pandas as pd

@@ -168,7 +168,7 @@ class GRPOTrainer:
         self.config = config
         self.tcfg = tcfg = config.train
         if not train_examples:
-            raise TrainingError("no training examples (check data.train_path and train.max_train_records)")
+            raise TrainingError("no training examples (check data.train_path / data.train_sources and train.max_train_records)")
         if accelerator is None:
             from accelerate import Accelerator
 
@@ -895,6 +895,7 @@ def train_from_config(cfg: Any, resume: bool = False, callbacks: Sequence[Any] =
     from transformers import set_seed
 
     from fingrpo.data.finqa import load_split, make_examples
+    from fingrpo.data.sources import training_pool
     from fingrpo.model import add_lora, load_adapter, load_model_and_tokenizer
     from fingrpo.rewards import build_rewards
 
@@ -905,12 +906,8 @@ def train_from_config(cfg: Any, resume: bool = False, callbacks: Sequence[Any] =
     # model (before the data: prompts are cut to a token budget with the tokenizer)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
 
-    # data: the first `few_shot` train records are the worked examples, the rest are trained on
-    train_records = load_split(cfg.data.train_path)
-    few = train_records[: cfg.prompt.few_shot]
-    train_records = train_records[cfg.prompt.few_shot:]
-    if tcfg.max_train_records is not None:
-        train_records = train_records[: tcfg.max_train_records]
+    # data: the first `few_shot` records of the first source are the worked examples, the mixed rest is trained on
+    few, train_records = training_pool(cfg)
     train_examples = make_examples(train_records, cfg.prompt, tokenizer=tokenizer, few_shot_records=few)
     dev_records = load_split(cfg.data.dev_path)[: tcfg.eval_subset_size]
     eval_examples = make_examples(dev_records, cfg.prompt, tokenizer=tokenizer, few_shot_records=few)

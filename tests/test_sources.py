@@ -1,0 +1,69 @@
+"""Several datasets in one config: the training pool and the evaluation sets (fingrpo.data.sources)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fingrpo.config import load_config
+from fingrpo.data.sources import data_files, eval_sets, train_sources, training_pool
+from fingrpo.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _files(tmp_path: Path, data_dir: Path) -> tuple[Path, Path]:
+    finqa = tmp_path / "finqa.json"
+    finqa.write_text(json.dumps(json.loads((data_dir / "train.json").read_text())[:5]))
+    other = json.loads((data_dir / "dev.json").read_text())[:4]
+    for r in other:
+        r["dataset"] = "tatqa"
+    tatqa = tmp_path / "tatqa.json"
+    tatqa.write_text(json.dumps(other))
+    return finqa, tatqa
+
+
+def test_the_pool_mixes_sources_in_turn_after_the_worked_examples(tmp_path, data_dir):
+    finqa, tatqa = _files(tmp_path, data_dir)
+    cfg = load_config(None, {"prompt": {"few_shot": 1}, "data": {"train_path": str(finqa), "train_sources": [
+        {"name": "finqa"}, {"name": "tatqa", "path": str(tatqa), "max_records": 3}]}})
+    few, pool = training_pool(cfg)
+    finqa_ids = [r["id"] for r in json.loads(finqa.read_text())]
+    tatqa_ids = [r["id"] for r in json.loads(tatqa.read_text())]
+    assert [r.id for r in few] == finqa_ids[:1]  # worked examples: the first source's first records
+    assert [r.id for r in pool] == [finqa_ids[1], tatqa_ids[0], finqa_ids[2], tatqa_ids[1], finqa_ids[3], tatqa_ids[2],
+                                    finqa_ids[4]]
+    assert [s.path for s in train_sources(cfg)] == [str(finqa), str(tatqa)]  # a null path is data.train_path
+    capped = load_config(None, {**cfg.model_dump(mode="json"), "train": {"max_train_records": 4}})
+    assert [r.id for r in training_pool(capped)[1]] == [r.id for r in pool][:4]  # the cap keeps the mix
+
+
+def test_null_lists_are_the_one_dataset_defaults():
+    cfg = load_config(None, {"evaluate": {"splits": ["dev", "test"], "subset": "random"}})
+    assert [(s.name, s.split, s.path, s.subset, s.pooled) for s in eval_sets(cfg)] == [
+        ("finqa", "dev", "data/finqa/dev.json", "random", True), ("finqa", "test", "data/finqa/test.json", "random", True)]
+    assert [(s.name, s.path) for s in train_sources(cfg)] == [("finqa", "data/finqa/train.json")]
+
+
+def test_params_yaml_trains_and_evaluates_on_both_datasets():
+    cfg = load_config(ROOT / "params.yaml")
+    assert [s.name for s in train_sources(cfg)] == ["finqa", "tatqa"]
+    assert [s.name for s in eval_sets(cfg)] == ["finqa_random", "finqa_all", "tatqa"]
+    assert [s.name for s in eval_sets(cfg) if s.pooled] == ["finqa_random", "tatqa"]
+    assert cfg.register.metric == "dev.pooled.adapter.execution_accuracy"
+    assert data_files(cfg) == ["data/finqa/train.json", "data/finqa/dev.json", "data/finqa/test.json",
+                               "prepared/tatqa_train.json", "prepared/tatqa_dev.json"]
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"eval_sets": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "names must be unique"),
+    ({"eval_sets": [{"name": "pooled", "path": "x"}]}, "'pooled' is the name of the pooled figure"),
+    ({"train_sources": []}, "give at least one entry"),
+    ({"train_sources": [{"name": "Bad Name", "path": "x"}]}, "train_sources.0.name"),
+    ({"eval_sets": [{"name": "a", "subset": "some"}]}, "eval_sets.0.subset"),
+])
+def test_bad_dataset_lists_are_config_errors(tree, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {"data": tree})
