@@ -10,8 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results}
-BASELINE_RECORDS=${BASELINE_RECORDS:-100}   # random-subset records per extra baseline prompt format
+BASELINE_RECORDS=${BASELINE_RECORDS:-100}   # records per held-out set per extra baseline prompt format
 BASELINES=${BASELINES:-"gold:1"}     # context mode:worked examples (also: gold:2 full:0 retrieved:0, ~3-6 min each)
+# the held-out records the comparisons use: FinQA dev's random sample and the TAT-QA dev split (pooled)
+HELD_OUT='data.eval_sets=[{name: finqa_random, split: dev, subset: random, pooled: true}, {name: tatqa, path: prepared/tatqa_dev.json, pooled: true}]'
 
 keep() {  # copy the workspace's reports of the run just finished to $OUT/$1
   mkdir -p "$OUT/$1"
@@ -25,8 +27,8 @@ git checkout -- params.yaml   # each experiment starts from the committed params
 dvc exp run -n recipe
 keep recipe
 
-# 2. the warm start alone (no GRPO), on the random dev subset
-fingrpo evaluate --adapter models/sft --set evaluate.subset=random --set evaluate.compare_base=false \
+# 2. the warm start alone (no GRPO), on the held-out sets
+fingrpo evaluate --adapter models/sft --set "$HELD_OUT" --set evaluate.compare_base=false \
   --set tracking.enabled=false --set evaluate.output_path="$OUT/sft-only/eval.json" \
   --set evaluate.predictions_path="$OUT/sft-only/predictions.jsonl"
 cp reports/sft_metrics.csv "$OUT/sft-only/"
@@ -34,7 +36,7 @@ cp reports/sft_metrics.csv "$OUT/sft-only/"
 # 3. controls: the same recipe (same warm start, steps, G, lr), only the training reward differs
 ZERO=(-S rewards.weights.program_execution=0 -S rewards.weights.format=0
       -S rewards.weights.numbers_from_context=0 -S rewards.weights.operation=0)
-CONTROL=(-S evaluate.subset=random -S evaluate.compare_base=false -S register.min_improvement=1)
+CONTROL=(-S "$HELD_OUT" -S evaluate.compare_base=false -S register.min_improvement=1)
 git checkout -- params.yaml
 dvc exp run -n control-random "${ZERO[@]}" -S rewards.weights.random=1 "${CONTROL[@]}"
 keep control-random
@@ -48,7 +50,7 @@ for spec in $BASELINES; do
   mode=${spec%%:*}; shots=${spec##*:}
   name="baseline-$mode-${shots}shot"
   fingrpo evaluate --base-only --set prompt.context_mode="$mode" --set prompt.few_shot="$shots" \
-    --set evaluate.subset=random --set evaluate.max_records="$BASELINE_RECORDS" \
+    --set "$HELD_OUT" --set evaluate.max_records="$BASELINE_RECORDS" \
     --set evaluate.output_path="$OUT/$name/eval.json" --set evaluate.predictions_path="$OUT/$name/predictions.jsonl"
 done
 

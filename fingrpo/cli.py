@@ -71,7 +71,12 @@ def cmd_prepare(args) -> int:
 def cmd_score(args) -> int:
     from fingrpo.evaluate import score_files
 
-    _print_json(score_files(args.predictions, args.data))
+    result = score_files(args.predictions, args.data)
+    _print_json(result)
+    if "tatqa" in result:  # the official evaluator's figures, as it prints them (stdout stays JSON)
+        t = result["tatqa"]
+        print(f"TAT-QA: Exact-match accuracy {t['exact_match']:.2f}, F1 score {t['f1']:.2f} "
+              f"({t['n']} gold questions, {t['predicted']} predicted)", file=sys.stderr)
     return 0
 
 

@@ -445,17 +445,18 @@ def tatqa_gold(record: Any) -> dict | None:
 
 def tatqa_prediction_of(scored: dict, gold: dict, scale: str | None = None) -> tuple[Any, str]:
     """A project prediction, scored by :func:`score_prediction`, as a TAT-QA ``[answer, scale]``: the
-    executed program's (unrounded) value, else the stated answer, in the question's unit (the percent
-    convention of :mod:`fingrpo.data.tatqa`); ``scale``: the prediction's own, else the gold one."""
+    executed program's (unrounded) value, else the stated answer's, read with the percent convention of
+    :mod:`fingrpo.data.tatqa` (a fraction); a text answer as written; ``scale``: the prediction's own,
+    else the question's."""
     from fingrpo.data.tatqa import tatqa_prediction
 
+    unit = gold["scale"] if scale is None else scale
     value = scored.get("raw_value")
     if value is None:
         value = scored.get("answer_value")
-    if value is None:
-        return None, scale if scale is not None else gold["scale"]
-    answer, unit = tatqa_prediction(value, gold["scale"] if scale is None else scale)
-    return answer, unit
+    if value is None or (isinstance(value, str) and value not in ("yes", "no")):
+        return scored.get("answer") or None, unit  # a text answer (a span) as written
+    return tatqa_prediction(value, unit)
 
 
 def tatqa_scores(rows: list[tuple[dict, Any, str | None]]) -> dict:
@@ -476,6 +477,15 @@ def tatqa_scores(rows: list[tuple[dict, Any, str | None]]) -> dict:
                 "f1": round(100 * sum(f for _, f in pairs) / n, 2) if n else 0.0}
 
     return {**figures(scores), "by_answer_type": {k: figures(v) for k, v in sorted(by_type.items())}}
+
+
+def _json_or_none(path: str | Path) -> Any:
+    """The file's JSON value, or None when it is not one JSON document (JSONL, malformed, unreadable):
+    :func:`load_predictions` then reads it and names the problem."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
 
 
 def _is_tatqa_official(raw: Any) -> bool:
@@ -522,9 +532,8 @@ def score_tatqa_files(predictions_path: str | Path, data_path: str | Path, rel_t
         if not golds:
             raise DataError(f"{data_path}: no TAT-QA questions (neither the TAT-QA format nor converted records)")
     by_id = {r["id"] if isinstance(r, dict) else r.id: r for r in records}
-    pred_raw = read_json(predictions_path) if str(predictions_path).endswith(".json") else None
     finqa_entries: list[dict] = []
-    if _is_tatqa_official(pred_raw):
+    if _is_tatqa_official(_json_or_none(predictions_path)):
         official = load_tatqa_predictions(predictions_path)
         kind, scale_source = "tatqa_official", "prediction"
         rows = [(g, *official.get(g["uid"], (None, None))) for g in golds]

@@ -430,8 +430,9 @@ def plot_base_vs_trained(evaluation: dict[str, dict[str, dict]], path: Path) -> 
     for split in sorted(evaluation):
         body = evaluation[split]
         columns.append((split, body, True))
-        subset = {k: m["random_subset"] for k, m in body.items() if isinstance(m.get("random_subset"), dict)}
-        if any(_is_finite_number(m.get(x)) for m in subset.values() for x in EVAL_METRICS):
+        subset = {k: m["random_subset"] for k, m in body.items() if isinstance(m.get("random_subset"), dict)
+                  and m["random_subset"].get("n") != m.get("n")}  # not when it is the whole set
+        if not split.endswith("/pooled") and any(_is_finite_number(m.get(x)) for m in subset.values() for x in EVAL_METRICS):
             columns.append((f"{split}, random-sample records", subset, False))
     has_rewards = any(isinstance(m.get("rewards"), dict) and m["rewards"] for b in evaluation.values() for m in b.values())
     ncols = len(columns)

@@ -169,7 +169,9 @@ def test_gold_predictions_score_9970_as_the_official_evaluator_prints(tatqa_raw,
     path = tmp_path / "gold.json"
     path.write_text(json.dumps(gold))
     assert main(["score", "--predictions", str(path), "--data", str(TATQA_DEV)]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "TAT-QA: Exact-match accuracy 99.70, F1 score 99.70 (1668 gold questions, 1668 predicted)" in captured.err
     assert out["predictions_format"] == "tatqa_official"
     assert (out["tatqa"]["n"], out["tatqa"]["exact_match"], out["tatqa"]["f1"]) == (1668, 99.70, 99.70)
     assert out["tatqa"]["by_answer_type"]["arithmetic"] == {"n": 718, "exact_match": 99.3, "f1": 99.3}
@@ -202,3 +204,21 @@ def test_executed_programs_score_as_their_gold_answers_on_the_converted_question
     zeros = sum(1 for r in dev if str(r["tatqa"]["answer"]) == "0")
     assert on_dev["tatqa"]["n"] == len(dev)
     assert on_dev["tatqa"]["exact_match"] == round(100 * (len(dev) - zeros) / len(dev), 2)
+
+
+def test_jsonl_answers_score_on_tatqa_spans_and_numbers(tatqa_raw, tmp_path):
+    """Our JSONL with answers only: a span as written, a number in the project's convention (a
+    percent as a fraction), the scale the entry gives or else the question's; no entry scores 0."""
+    questions = [q for c in tatqa_raw for q in c["questions"]]
+    span = next(q for q in questions if q["answer_type"] == "span")
+    pct = next(q for q in questions if q["answer_type"] == "arithmetic" and q["scale"] == "percent")
+    money = next(q for q in questions if q["answer_type"] == "arithmetic" and q["scale"] == "million")
+    lines = [{"id": span["uid"], "answer": span["answer"][0]},
+             {"id": pct["uid"], "answer": pct["answer"] / 100},
+             {"id": money["uid"], "answer": money["answer"], "scale": "thousand"}]  # the wrong scale
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = score_files(path, TATQA_DEV)["tatqa"]
+    assert out["predicted"] == 3 and out["scale_source"] == "prediction"
+    assert out["exact_match"] == round(100 * 2 / 1668, 2)
+    assert out["by_answer_type"]["span"]["exact_match"] == round(100 / 701, 2)
