@@ -34,6 +34,7 @@ from fingrpo.dsl import (
     tokens_to_program,
 )
 from fingrpo.errors import FingrpoError
+from fingrpo.official import finqa_tokenize
 
 TABLE = [
     ["( in millions )", "2019", "2018", "2017"],
@@ -64,24 +65,6 @@ def test_every_gold_program_executes_to_exe_ans(data_dir: Path, split: str):
     assert wrong == []
 
 
-def _official_tokenization(program: str) -> list[str]:
-    """The official script's ``program_tokenization`` of a gold program (split on ', ', cut at parens)."""
-    out = []
-    for tok in program.split(", "):
-        cur = ""
-        for c in tok:
-            if c == ")" and cur:
-                out.append(cur)
-                cur = ""
-            cur += c
-            if c in "()":
-                out.append(cur)
-                cur = ""
-        if cur:
-            out.append(cur)
-    return out + ["EOF"]
-
-
 @pytest.mark.parametrize("split", ["train", "dev", "test"])
 def test_gold_programs_round_trip_text_and_tokens(data_dir: Path, split: str):
     for r in json.loads((data_dir / f"{split}.json").read_text()):
@@ -90,7 +73,7 @@ def test_gold_programs_round_trip_text_and_tokens(data_dir: Path, split: str):
         assert parse(format_program(steps)) == steps
         assert format_program(steps) == program  # FinQA gold programs are already canonical
         tokens = program_to_tokens(program)
-        assert tokens == _official_tokenization(program)
+        assert tokens == finqa_tokenize(program)
         assert parse(tokens_to_program(tokens)) == steps
 
 
