@@ -747,14 +747,14 @@ def evaluate_from_config(cfg: Any, adapter_dir: str | Path | None = None, base_o
                                               "tatqa_exact_match" (TAT-QA records), "datasets": {name: n},
                                               "random_subset": {accuracies on its FinQA random-sample records}},
                                   "base": {...}},
-                 "finqa_all": {...}, "tatqa": {...},
+                 "finqa_all": {...}, "tatqa": {...},     # each set also has "retrieval": {recall_at_k, all_gold_at_k}
                  "pooled": {...}},            # every record of the sets marked pooled, once
          "summary": {"dev.finqa_random.adapter.execution_accuracy": ..., ..., "adapter_dir": ..., "model": ...}}
 
     and ``evaluate.predictions_path`` (JSONL, one row per record and model, with the sets it is in).
     Returns the same dict.
     """
-    from fingrpo.data.finqa import make_examples, render_prompt
+    from fingrpo.data.finqa import make_examples, render_prompt, retrieval_recall
     from fingrpo.data.sources import eval_records, eval_sets, training_pool
     from fingrpo.io import write_json_atomic, write_jsonl_atomic
     from fingrpo.model import load_adapter, load_model_and_tokenizer
@@ -804,6 +804,8 @@ def evaluate_from_config(cfg: Any, adapter_dir: str | Path | None = None, base_o
     groups += [(split, "pooled", ks) for split, ks in pooled_keys.items()]
     for split, set_name, set_keys in groups:
         body = result.setdefault(split, {}).setdefault(set_name, {})
+        # the lexical retriever (context_mode: retrieved) against the gold facts: what serving would see
+        body["retrieval"] = retrieval_recall([distinct[k] for k in set_keys])
         for name, _ in variants:
             metrics = _set_metrics([by_model[name][k] for k in set_keys], cfg)
             metrics["reward_failures"] = failures[name]  # over every record this model generated for

@@ -61,7 +61,7 @@ def test_identical_models_give_identical_numbers_and_full_structure(tmp_path, ti
         # data.eval_sets null: one set "finqa" per split, and the pooled figure (here the same records)
         assert set(written[split]) == {"finqa", "pooled"}
         assert written[split]["pooled"] == written[split]["finqa"]
-        assert set(written[split]["finqa"]) == {"adapter", "base"}
+        assert set(written[split]["finqa"]) == {"adapter", "base", "retrieval"}
         adapter, base = written[split]["finqa"]["adapter"], written[split]["finqa"]["base"]
         for body in (adapter, base):
             assert body["n"] == 3
@@ -176,7 +176,7 @@ def test_base_only_on_the_random_subset_needs_no_adapter(tmp_path, tiny_model_pa
     cfg = _config(tmp_path, tiny_model_path, data_dir, tmp_path / "no-such-adapter", splits=["dev"],
                   subset="random", max_records=4)
     result = evaluate_from_config(cfg, base_only=True)
-    assert set(result["dev"]["finqa"]) == {"base"}
+    assert set(result["dev"]["finqa"]) == {"base", "retrieval"}
     subset = random_subset_ids(data_dir / "provenance.json", "dev")
     expected = [r.id for r in load_split(data_dir / "dev.json") if r.id in subset][:4]
     rows = [json.loads(line) for line in Path(cfg.evaluate.predictions_path).read_text().splitlines()]
@@ -216,6 +216,10 @@ def test_each_evaluation_set_is_reported_apart_and_the_pooled_figure_counts_each
     assert dev["tatqa"]["adapter"]["datasets"] == {"tatqa": 3} and "tatqa_exact_match" in dev["tatqa"]["base"]
     assert dev["pooled"]["adapter"]["datasets"] == {"finqa": 2, "tatqa": 3}
     assert "tatqa_exact_match" not in dev["finqa_all"]["adapter"]
+    # the retriever's recall of the gold facts, per set (model-independent)
+    with_facts = sum(bool(r["qa"]["gold_inds"]) for r in json.loads(tatqa.read_text()))
+    assert dev["tatqa"]["retrieval"]["n"] == with_facts >= 1 and 0.0 <= dev["tatqa"]["retrieval"]["recall_at_3"] <= 1.0
+    assert set(dev["finqa_all"]["retrieval"]) >= {"recall_at_1", "all_gold_at_5", "recall_at_10"}
     summary = result["summary"]
     for key in ("dev.finqa_random.adapter.execution_accuracy", "dev.finqa_all.base.execution_accuracy",
                 "dev.tatqa.adapter.tatqa_exact_match", "dev.pooled.adapter.execution_accuracy"):

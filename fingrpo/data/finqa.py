@@ -479,6 +479,36 @@ def _context_units(rec: FinQARecord, cfg: "PromptConfig") -> list[_Unit]:
     return sorted(units, key=lambda u: (u.order, u.key == "table_sep"))
 
 
+def retrieve(rec: FinQARecord) -> list[str]:
+    """The keys (``text_N``/``table_N``) of every sentence and table row, best first, as
+    ``context_mode: retrieved`` ranks them (ties in document order); its top ``retrieved_top_k`` are shown.
+
+    >>> retrieve(rec)[:3]                                     # doctest: +SKIP
+    ['table_3', 'text_12', 'table_1']
+    """
+    units = _all_units(rec, "linearized")
+    _score(units, rec.question)
+    return [u.key for u in sorted(units, key=lambda u: -u.score)]
+
+
+def retrieval_recall(records: Sequence[FinQARecord], ks: Sequence[int] = (1, 3, 5, 10)) -> dict:
+    """How well the retriever finds the supporting facts (``qa.gold_inds``) of records that have some:
+    ``recall_at_k`` (mean share of a record's gold facts in the top k) and ``all_gold_at_k`` (share of
+    records with every gold fact in the top k), and ``n`` (records with gold facts).
+
+    >>> retrieval_recall(dev)["recall_at_3"]                  # doctest: +SKIP
+    0.65
+    """
+    with_gold = [r for r in records if r.qa.gold_inds]
+    out: dict[str, float | int | None] = {"n": len(with_gold)}
+    ranked = [(retrieve(r), set(r.qa.gold_inds)) for r in with_gold]
+    for k in ks:
+        shares = [len(gold & set(keys[:k])) / len(gold) for keys, gold in ranked]
+        out[f"recall_at_{k}"] = sum(shares) / len(shares) if shares else None
+        out[f"all_gold_at_{k}"] = sum(s == 1.0 for s in shares) / len(shares) if shares else None
+    return out
+
+
 # Chat-control markers (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>` ...) inside report text would be
 # tokenized as the real special tokens and could close the user turn early: record text is data, so
 # the markers are broken up ("<|" -> "< |") before the prompt is rendered.
@@ -719,4 +749,5 @@ __all__ = [
     "FinQARecord", "FinQAQA", "FinQAStep", "load_split", "check_gold_program", "parse_record", "load_provenance", "random_subset_ids",
     "RANDOM_SAMPLE_SOURCES", "table_row_to_text", "linearize_table", "table_to_markdown", "PromptExample",
     "make_examples", "render_prompt", "make_target", "format_exe_ans", "FinancialJSONDataLoader", "SYSTEM_PROMPT",
+    "retrieve", "retrieval_recall",
 ]
