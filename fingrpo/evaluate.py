@@ -595,7 +595,8 @@ def score_files(predictions_path: str | Path, data_path: str | Path, rel_tol: fl
 def generate_completions(
     model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, progress: bool = True
 ) -> list[str]:
-    """Greedy completions, ``batch_size`` prompts at a time (left padding, pad = eos, stop at eos).
+    """Greedy completions, ``batch_size`` prompts of similar length at a time (left padding, pad = eos,
+    stop at eos), returned in the order of ``prompts``.
 
     Prompts are tokenized as given; special tokens are added only when a prompt does not already start
     with the tokenizer's bos token (a chat-template prompt already holds its special tokens).
@@ -623,10 +624,15 @@ def generate_completions(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: list[str] = []
+    out: list[str] = [""] * len(prompts)
+    # batches of similar length (longest first: a memory problem shows at once), so little is padding;
+    # left padding makes a prompt's completion independent of its batch, and the order is restored
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress):
-            batch = prompts[start : start + batch_size]
+            rows = order[start : start + batch_size]
+            batch = [prompts[i] for i in rows]
             bos = tokenizer.bos_token
             add_special = not (bos and all(p.startswith(bos) for p in batch))
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special)
@@ -634,10 +640,10 @@ def generate_completions(
             with torch.inference_mode():
                 generated = model.generate(**enc, generation_config=gen_cfg)  # (B, T_prompt + T_new)
             new = generated[:, enc["input_ids"].shape[1] :]  # (B, T_new)
-            for row in new.tolist():
+            for i, row in zip(rows, new.tolist()):
                 if eos_id is not None and eos_id in row:
                     row = row[: row.index(eos_id)]  # stop at eos; the rest is padding
-                out.append(tokenizer.decode(row, skip_special_tokens=True))
+                out[i] = tokenizer.decode(row, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = old_side
         if old_pad is None:

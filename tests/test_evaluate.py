@@ -122,7 +122,10 @@ def test_generate_completions_is_greedy_and_batch_independent(tiny_model_path):
     one = generate_completions(model, tok, prompts, max_new_tokens=10, batch_size=1, progress=False)
     batched = generate_completions(model, tok, prompts, max_new_tokens=10, batch_size=3, progress=False)
     again = generate_completions(model, tok, prompts, max_new_tokens=10, batch_size=3, progress=False)
-    assert one == batched == again  # left padding: a prompt's completion does not depend on its batch
+    pairs = generate_completions(model, tok, prompts, max_new_tokens=10, batch_size=2, progress=False)
+    assert one == batched == again == pairs  # left padding: a prompt's completion does not depend on its batch
+    # batches are formed by length, the answers come back in the prompts' order
+    assert generate_completions(model, tok, prompts[::-1], max_new_tokens=10, batch_size=2, progress=False) == one[::-1]
     assert all(isinstance(c, str) and len(c) <= 10 for c in one)
     assert "<|im_end|>" not in "".join(one)
     assert tok.padding_side == "left"
