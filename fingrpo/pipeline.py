@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fingrpo.data.sources import data_files
 from fingrpo.errors import DataError
 from fingrpo.io import write_json_atomic
 
@@ -46,8 +47,6 @@ def split_paths(cfg: "Config") -> list[str]:
     >>> split_paths(load_config(None))
     ['data/finqa/train.json', 'data/finqa/dev.json', 'data/finqa/test.json']
     """
-    from fingrpo.data.sources import data_files
-
     return data_files(cfg)
 
 

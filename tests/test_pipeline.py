@@ -267,3 +267,22 @@ def test_dvc_pipeline_reproduces_incrementally(tmp_path, data_dir, tiny_model_pa
     assert "final_metrics.reward_mean" in diff["reports/train.json"]
     exp_show = json.dumps(json.loads(_dvc(root, env, "exp", "show", "--json")))
     assert "0.0005" in exp_show and "execution_accuracy" in exp_show
+
+
+def test_needs_prepare_when_a_source_or_set_is_a_prepared_file(tmp_path):
+    recipe = load_config(ROOT / "params.yaml")
+    assert pipeline.needs_prepare(recipe)  # the recipe trains and evaluates on prepared TAT-QA files
+    assert not pipeline.needs_prepare(load_config(None))  # FinQA alone
+    moved = load_config(ROOT / "params.yaml", {"prepare": {"output_dir": str(tmp_path / "elsewhere")}})
+    assert not pipeline.needs_prepare(moved)  # the files named are not that stage's outputs
+
+
+def test_prepare_stage_names_an_empty_split(tmp_path, monkeypatch):
+    """A TAT-QA file whose every table falls on one side cannot give both splits: a clear DataError."""
+    src = ROOT / "data" / "tatqa" / "tatqa_dataset_dev.json"
+    small = tmp_path / "one.json"
+    small.write_text(json.dumps(json.loads(src.read_text())[:1]))
+    cfg = load_config(None, {"prepare": {"dev_fraction": 0.0, "report_path": str(tmp_path / "prepare.json")}})
+    with pytest.raises(DataError, match="the dev split of .* has no converted question"):
+        pipeline.prepare_stage(cfg, input_path=str(small), output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "prepare.json").exists()
