@@ -509,21 +509,23 @@ def load_tatqa_predictions(path: str | Path) -> dict[str, tuple[Any, str]]:
     return out
 
 
-def score_tatqa_files(predictions_path: str | Path, data_path: str | Path, rel_tol: float = 1e-3) -> dict:
+def score_tatqa_files(predictions_path: str | Path, data_path: str | Path, rel_tol: float = 1e-3,
+                      raw: Any = None) -> dict:
     """Score predictions against TAT-QA data: a raw TAT-QA file (every question is a gold question) or
     a prepared file of converted records. Predictions: the official ``{uid: [answer, scale]}`` or the
-    project's JSONL (scored in the question's unit unless an entry has a ``scale``).
+    project's JSONL (scored in the question's unit unless an entry has a ``scale``). ``raw``: the data
+    file's JSON when the caller has read it already.
 
     Returns ``{"tatqa": {exact_match, f1, n, by_answer_type, ...}, "finqa": {FinQA execution accuracy
     of the converted arithmetic questions that have a prediction}, ...}``.
     """
-    from fingrpo.data.tatqa import is_tatqa_file, load_tatqa, to_finqa_records
+    from fingrpo.data.tatqa import is_tatqa_file, parse_contexts, to_finqa_records
     from fingrpo.io import read_json
     from fingrpo.official import tatqa_scale_to_num, tatqa_to_number
 
-    raw = read_json(data_path)
+    raw = read_json(data_path) if raw is None else raw  # score_files hands on what it read
     if is_tatqa_file(raw):
-        contexts = load_tatqa(data_path)
+        contexts = parse_contexts(raw, data_path)
         records, _ = to_finqa_records(contexts)
         golds = [q.model_dump() for c in contexts for q in c.questions]
     else:
@@ -582,7 +584,7 @@ def score_files(predictions_path: str | Path, data_path: str | Path, rel_tol: fl
 
     raw = read_json(data_path)
     if is_tatqa_file(raw) or (isinstance(raw, list) and raw and isinstance(raw[0], dict) and "tatqa" in raw[0]):
-        return score_tatqa_files(predictions_path, data_path, rel_tol)
+        return score_tatqa_files(predictions_path, data_path, rel_tol, raw=raw)
     entries, kind = load_predictions(predictions_path)
     records = _load_records(data_path)
     result = score_predictions(entries, records, rel_tol=rel_tol)

@@ -139,7 +139,11 @@ def load_tatqa(path: str | Path) -> list[TatQAContext]:
     Raises :class:`DataError` for a missing/empty/malformed file, a non-list top level, no contexts, a
     missing or wrong-typed field, or a question uid that appears twice.
     """
-    raw = read_json(path)
+    return parse_contexts(read_json(path), path)
+
+
+def parse_contexts(raw: Any, path: str | Path) -> list[TatQAContext]:
+    """:func:`load_tatqa` of JSON already read from ``path`` (named in the errors)."""
     if not isinstance(raw, list):
         raise DataError(f"{path}: expected a JSON list of TAT-QA contexts at the top level, got {_json_type(raw)}")
     if not raw:
@@ -422,9 +426,11 @@ class ConversionReport:
         }
 
 
-def _reproduces(value: float | str, q: TatQAQuestion) -> bool:
-    pred, scale = tatqa_prediction(value, q.scale)
-    gold = {"answer": q.answer, "answer_type": q.answer_type, "scale": q.scale}
+def reproduces_answer(value: float | str, gold: dict) -> bool:
+    """Whether a program's (unrounded) value gives the TAT-QA answer of ``gold`` (``answer``,
+    ``answer_type``, ``scale``) under the official rule, read with the percent convention; what
+    conversion keeps and what validation's ``tatqa_program_reproduces_answer`` checks."""
+    pred, scale = tatqa_prediction(value, gold["scale"])
     return tatqa_match(gold, pred, scale)[0] == 1.0
 
 
@@ -455,7 +461,7 @@ def _convert_question(q: TatQAQuestion, table: list[list[str]], context_numbers:
             if finqa_eval_program(finqa_tokenize(program), table) != (0, value):  # valid for the official script too
                 reason = "execution_error"
                 continue
-            if _reproduces(raw, q):  # unrounded: 5 decimals of a fraction are too few for 2 of a percent
+            if reproduces_answer(raw, {"answer": q.answer, "answer_type": q.answer_type, "scale": q.scale}):  # unrounded: 5 decimals of a fraction are too few for 2 of a percent
                 report.percent_divided += len(steps) > len(prog.steps)
                 report.paren_negative += paren_negative
                 return program, nested_text, value, steps, tree
@@ -607,7 +613,7 @@ def is_tatqa_file(raw: Any) -> bool:
 
 
 __all__ = [
-    "TatQATable", "TatQAParagraph", "TatQAQuestion", "TatQAContext", "parse_context", "load_tatqa",
-    "parse_derivation", "convert_table", "finqa_cell", "tatqa_prediction", "ConversionReport", "to_finqa_records",
+    "TatQATable", "TatQAParagraph", "TatQAQuestion", "TatQAContext", "parse_context", "parse_contexts", "load_tatqa",
+    "parse_derivation", "convert_table", "finqa_cell", "tatqa_prediction", "reproduces_answer", "ConversionReport", "to_finqa_records",
     "split_by_table", "is_tatqa_file", "ANSWER_TYPES", "SCALES", "DROP_REASONS",
 ]

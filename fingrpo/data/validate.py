@@ -192,8 +192,7 @@ def _tatqa_reproduces(tatqa: Any, program: str | None, table: Any) -> tuple[bool
     """Whether a converted record's program, executed (unrounded), gives its TAT-QA answer under the
     official TAT-QA rule, read with the percent convention of :mod:`fingrpo.data.tatqa`."""
     from fingrpo import dsl
-    from fingrpo.data.tatqa import tatqa_prediction
-    from fingrpo.official import tatqa_match
+    from fingrpo.data.tatqa import reproduces_answer, tatqa_prediction
 
     needed = ("answer", "answer_type", "scale")
     if not isinstance(tatqa, dict) or any(k not in tatqa for k in needed):
@@ -202,9 +201,9 @@ def _tatqa_reproduces(tatqa: Any, program: str | None, table: Any) -> tuple[bool
         return False, "not checked: the program does not parse"
     try:
         value = dsl.execute(program, table)
-        answer, scale = tatqa_prediction(value, tatqa["scale"])
-        if tatqa_match(tatqa, answer, scale)[0] == 1.0:
+        if reproduces_answer(value, tatqa):
             return True, ""
+        answer, scale = tatqa_prediction(value, tatqa["scale"])
         return False, f"{program!r} gives {answer!r} {scale}, the TAT-QA answer is {tatqa['answer']!r} {tatqa['scale']}"
     except (dsl.ProgramError, ValueError, TypeError) as e:
         return False, f"{program!r}: {e}"
