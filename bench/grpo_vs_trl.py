@@ -478,9 +478,9 @@ def run_fingrpo_worker(spec: BenchSpec, mode: str, profile_path: str | None = No
         lengths: list[list[int]] = []
         rollout = trainer._rollout  # the step's phases, timed from outside (the trainer is not modified)
 
-        def rollout_and_keep_lengths(*args: Any, **kwargs: Any) -> dict:
+        def rollout_and_keep_lengths(*args: Any, **kwargs: Any) -> Any:
             batch = rollout(*args, **kwargs)
-            lengths.append([int(x) for x in batch["lengths"]])
+            lengths.append([int(x) for x in batch.lengths])
             return batch
 
         trainer._rollout = rollout_and_keep_lengths

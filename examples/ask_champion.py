@@ -42,7 +42,7 @@ def quick_promote(cfg) -> dict:
 
     pipeline.train_stage(cfg)
     pipeline.evaluate_stage(cfg)
-    return pipeline.promote_stage(cfg)
+    return pipeline.register_stage(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if version is None:
             if not args.train_if_missing:
                 print(f"error: no 'champion' version of {args.model_name!r} in the registry: run `dvc repro` "
-                      "(or `fingrpo promote`), or pass --train-if-missing", file=sys.stderr)
+                      "(or `fingrpo register`), or pass --train-if-missing", file=sys.stderr)
                 return 2
             decision = quick_promote(cfg)
             print(f"registered version {decision['challenger']['version']}: {decision['decision']}")

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking", action="store_true", help="log to MLflow ($MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     args = p.parse_args(argv)
 
-    from fingrpo.grpo.trainer import GRPOJSONTrainer
+    from fingrpo.seed import GRPOJSONTrainer
 
     data = Path(args.data_dir)
     overrides = output_overrides(args.out)

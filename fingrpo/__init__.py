@@ -14,13 +14,13 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "FinancialJSONDataLoader": "fingrpo.data.finqa",
+    "FinancialJSONDataLoader": "fingrpo.seed",
     "FinQARecord": "fingrpo.data.finqa",
     "RewardFunction": "fingrpo.rewards",
     "FinancialQAReward": "fingrpo.rewards",
     "GRPOLoss": "fingrpo.grpo.loss",
     "GRPOTrainer": "fingrpo.grpo.trainer",
-    "GRPOJSONTrainer": "fingrpo.grpo.trainer",
+    "GRPOJSONTrainer": "fingrpo.seed",
     "load_config": "fingrpo.config",
 }
 

@@ -38,7 +38,12 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from fingrpo.dsl import OPERATIONS, ProgramError, parse
+from fingrpo.dsl import OPERATIONS, ProgramError, Step, execute, parse
+from fingrpo.errors import FingrpoError
+
+#: Errors a parser or interpreter may raise on garbage text: a bad program, never a crash. Anything else
+#: (a real bug) propagates.
+GARBAGE_ERRORS = (FingrpoError, ValueError, ArithmeticError, RecursionError, TypeError, IndexError)
 
 MAX_COMPLETION_CHARS = 20_000  # longer text is cut before the regular expressions see it
 MAX_ANSWER_CHARS = 2_000
@@ -222,4 +227,61 @@ def parse_completion(completion) -> ParsedCompletion:
     )
 
 
-__all__ = ["ParsedCompletion", "normalize_answer", "parse_completion", "extract_program"]
+@dataclass(frozen=True)
+class ProgramRun:
+    """What running a program on a table gave: ``steps`` (None: no program, or it does not parse),
+    ``value`` (the unrounded result; None when there is none), ``error`` (the parser's or interpreter's
+    message) and which of the two failed."""
+
+    steps: list[Step] | None
+    value: float | str | None
+    error: str | None = None
+    parse_failed: bool = False
+    execute_failed: bool = False
+
+
+def run_program(program: str | None, table: list[list[str]] | None = None) -> ProgramRun:
+    """Parse and execute ``program`` on ``table`` (never raises on a bad program).
+
+    >>> run_program("divide(1, 4)").value
+    0.25
+    >>> run = run_program("divide(1, 0)"); run.value, run.execute_failed
+    (None, True)
+    >>> run_program("subtract(5").parse_failed
+    True
+    """
+    if program is None:
+        return ProgramRun(None, None)
+    try:
+        steps = parse(program)
+    except GARBAGE_ERRORS as e:
+        return ProgramRun(None, None, str(e), parse_failed=True)
+    try:
+        return ProgramRun(steps, execute(steps, table))
+    except GARBAGE_ERRORS as e:
+        return ProgramRun(steps, None, str(e), execute_failed=True)
+
+
+def execute_completion(completion: str, table: list[list[str]] | None = None) -> tuple[ParsedCompletion, ProgramRun]:
+    """The one way a completion is read and run: :func:`parse_completion`, then its program executed on
+    ``table`` (:func:`run_program`). Rewards, scoring, the served model and the trainer's quick evaluation
+    all go through here.
+
+    >>> parsed, run = execute_completion("Program: subtract(5829, 5735)\\nAnswer: 94")
+    >>> parsed.answer_value, run.value
+    (94.0, 94.0)
+    """
+    parsed = parse_completion(completion)
+    return parsed, run_program(parsed.program, table)
+
+
+__all__ = [
+    "GARBAGE_ERRORS",
+    "ParsedCompletion",
+    "ProgramRun",
+    "execute_completion",
+    "extract_program",
+    "normalize_answer",
+    "parse_completion",
+    "run_program",
+]

@@ -6,14 +6,15 @@
     fingrpo train [--set train.max_steps=2] [--resume]
     fingrpo evaluate
     fingrpo plot
-    fingrpo promote
+    fingrpo register
     fingrpo score --predictions preds.json --data data/finqa/test.json
     fingrpo results results/recipe results/control-random --output docs/results
 
 Each handler builds the config (params.yaml + ``--set`` overrides) and calls one stage function of
 :mod:`fingrpo.pipeline` (the same functions the Prefect flow's tasks call); errors a user can act on
 (:class:`fingrpo.errors.FingrpoError`) are printed on one line and exit with code 2. Heavy libraries
-are imported inside the handlers so ``fingrpo --help`` answers fast.
+(torch, mlflow, ...) are imported by the stage functions when a stage runs, so ``fingrpo --help``
+answers fast (``tests/test_cli.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ import json
 import os
 import sys
 
+from fingrpo import __version__, pipeline
+from fingrpo.config import load_config, parse_overrides
 from fingrpo.errors import FingrpoError
+from fingrpo.results import write_results
+from fingrpo.scoring import score_files
 
 # Offline and quiet by default (ENVIRONMENT.md); a user's own settings win.
 _DEFAULT_ENV = {
@@ -37,8 +42,6 @@ _DEFAULT_ENV = {
 
 
 def _config(args, extra: dict | None = None):
-    from fingrpo.config import load_config, parse_overrides
-
     overrides = parse_overrides(args.overrides)
     for section, values in (extra or {}).items():
         overrides.setdefault(section, {}).update(values)
@@ -50,8 +53,6 @@ def _print_json(obj) -> None:
 
 
 def cmd_validate(args) -> int:
-    from fingrpo import pipeline
-
     extra: dict = {}
     if args.report_dir is not None:
         extra["reports_dir"] = args.report_dir
@@ -61,16 +62,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from fingrpo import pipeline
-
     _print_json(pipeline.prepare_stage(_config(args), input_path=args.input, output_dir=args.output_dir,
                                        report_path=args.report))
     return 0
 
 
 def cmd_score(args) -> int:
-    from fingrpo.evaluate import score_files
-
     result = score_files(args.predictions, args.data)
     _print_json(result)
     if "tatqa" in result:  # the official evaluator's figures, as it prints them (stdout stays JSON)
@@ -81,45 +78,33 @@ def cmd_score(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from fingrpo import pipeline
-
     _print_json(pipeline.sft_stage(_config(args)))
     return 0
 
 
 def cmd_train(args) -> int:
-    from fingrpo import pipeline
-
     _print_json(pipeline.train_stage(_config(args), resume=args.resume))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from fingrpo import pipeline
-
     result = pipeline.evaluate_stage(_config(args), adapter_dir=args.adapter, base_only=args.base_only)
     _print_json(result.get("summary", result) if isinstance(result, dict) else result)
     return 0
 
 
 def cmd_plot(args) -> int:
-    from fingrpo import pipeline
-
     for path in pipeline.plot_stage(_config(args)):
         print(path)
     return 0
 
 
-def cmd_promote(args) -> int:
-    from fingrpo import pipeline
-
-    _print_json(pipeline.promote_stage(_config(args)))
+def cmd_register(args) -> int:
+    _print_json(pipeline.register_stage(_config(args)))
     return 0
 
 
 def cmd_results(args) -> int:
-    from fingrpo.results import write_results
-
     for path in write_results(args.runs, args.output):
         print(path)
     return 0
@@ -133,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a params.yaml value, e.g. --set train.learning_rate=1e-4 (repeatable)",
     )
     parser = argparse.ArgumentParser(prog="fingrpo", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"fingrpo {__import__('fingrpo').__version__}")
+    parser.add_argument("--version", action="version", version=f"fingrpo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", parents=[common], help="TAT-QA -> FinQA-shaped train/dev files split by table (params: prepare)")
@@ -173,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="docs/results", help="where table.md, learning_curves.png, samples.md go")
     p.set_defaults(func=cmd_results)
 
-    p = sub.add_parser("promote", parents=[common], help="register the adapter; move 'champion' if it beats the current one")
-    p.set_defaults(func=cmd_promote)
+    p = sub.add_parser("register", parents=[common], help="register the adapter as a new model version; move 'champion' if it beats the current one")
+    p.set_defaults(func=cmd_register)
     return parser
 
 

@@ -9,12 +9,13 @@ config is logged once per run (``cfg.model_dump()``) and saved beside every chec
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import urllib.parse
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -319,14 +320,63 @@ def redact_uri(uri: str | None) -> str | None:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
+# ----------------------------------------------------------------------------- dotted keys <-> nested dicts
+# The one home of "train.learning_rate" <-> {"train": {"learning_rate": ...}}: overrides, MLflow params and
+# metrics, the promotion gate's metric name and the flow's parameters all go through these three.
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """``tree["a"]["b"] = value`` for ``"a.b"`` (sections created as needed; a dict value merges into an
+    existing section).
+
+    >>> t = {}; set_dotted(t, "train.max_steps", 2); set_dotted(t, "train", {"seed": 3}); t
+    {'train': {'max_steps': 2, 'seed': 3}}
+    """
+    *parents, leaf = dotted.split(".")
     node = tree
-    for k in keys[:-1]:
+    for k in parents:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
-    node[keys[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        node[leaf].update(value)
+    else:
+        node[leaf] = value
+
+
+def dotted_items(tree: Any, descend: Callable[[Any], bool] = lambda v: isinstance(v, dict) and bool(v)):
+    """``("a.b.c", leaf)`` for every leaf under a mapping (or a list: its indices are keys); ``descend(v)``
+    says which values are sections to walk into (default: non-empty dicts).
+
+    >>> list(dotted_items({"dev": {"adapter": {"n": 4}}, "x": []}))
+    [('dev.adapter.n', 4), ('x', [])]
+    """
+    for key, value in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
+        if descend(value):
+            for sub, leaf in dotted_items(value, descend):
+                yield f"{key}.{sub}", leaf
+        else:
+            yield str(key), value
+
+
+def get_dotted(tree: dict, dotted: str) -> Any:
+    """``tree["dev"]["adapter"]["execution_accuracy"]`` for ``"dev.adapter.execution_accuracy"`` (a key
+    that itself contains dots is found too); KeyError if absent.
+
+    >>> get_dotted({"dev": {"adapter": {"execution_accuracy": 0.3}}}, "dev.adapter.execution_accuracy")
+    0.3
+    >>> get_dotted({"dev.adapter": {"n": 4}}, "dev.adapter.n")
+    4
+    """
+    if dotted in tree:
+        return tree[dotted]
+    parts = dotted.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # longest matching head first
+        head, rest = ".".join(parts[:i]), ".".join(parts[i:])
+        if head in tree and isinstance(tree[head], dict):
+            with contextlib.suppress(KeyError):
+                return get_dotted(tree[head], rest)
+    raise KeyError(dotted)
 
 
 def parse_overrides(overrides: list[str] | None) -> dict:
@@ -340,7 +390,7 @@ def parse_overrides(overrides: list[str] | None) -> dict:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
-        _set_dotted(tree, key.strip(), value)
+        set_dotted(tree, key.strip(), value)
     return tree
 
 

@@ -1,4 +1,4 @@
-"""Base model + tokenizer loading, LoRA wrapping and adapter loading.
+"""Base model + tokenizer loading, LoRA wrapping, adapter loading and greedy generation.
 
     from fingrpo.config import load_config
     from fingrpo.model import load_model_and_tokenizer, add_lora, load_adapter
@@ -8,6 +8,7 @@
     policy = add_lora(model, cfg.lora)                        # peft PeftModel, only LoRA trainable
     with policy.disable_adapter():                            # the reference policy: same weights, adapter off
         ...
+    generate_completions(policy, tokenizer, prompts, max_new_tokens=48, batch_size=16)   # greedy, in order
 
 ``model.name_or_path`` may be
 
@@ -231,3 +232,64 @@ def load_adapter(model: Any, adapter_dir: str | os.PathLike, is_trainable: bool 
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable, use_safetensors=True)
     except Exception as e:
         raise ModelError(f"{adapter_dir}: cannot load the adapter onto the base model: {e}") from None
+
+
+def generate_completions(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, progress: bool = True
+) -> list[str]:
+    """Greedy completions, ``batch_size`` prompts of similar length at a time (left padding, pad = eos,
+    stop at eos), returned in the order of ``prompts``.
+
+    Prompts are tokenized as given; special tokens are added only when a prompt does not already start
+    with the tokenizer's bos token (a chat-template prompt already holds its special tokens).
+
+    >>> generate_completions(model, tok, ["<|im_start|>user\\nhi<|im_end|>\\n"], 8, 4)   # doctest: +SKIP
+    ['...']
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    if not prompts:
+        return []
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id  # pad = eos (SmolLM2)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    old_side = tokenizer.padding_side
+    old_pad = tokenizer.pad_token
+    tokenizer.padding_side = "left"  # decoder-only: every row's next token follows its own prompt
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[str] = [""] * len(prompts)
+    # batches of similar length (longest first: a memory problem shows at once), so little is padding;
+    # left padding makes a prompt's completion independent of its batch, and the order is restored
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress):
+            rows = order[start : start + batch_size]
+            batch = [prompts[i] for i in rows]
+            bos = tokenizer.bos_token
+            add_special = not (bos and all(p.startswith(bos) for p in batch))
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special)
+            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            with torch.inference_mode():
+                generated = model.generate(**enc, generation_config=gen_cfg)  # (B, T_prompt + T_new)
+            new = generated[:, enc["input_ids"].shape[1] :]  # (B, T_new)
+            for i, row in zip(rows, new.tolist()):
+                if eos_id is not None and eos_id in row:
+                    row = row[: row.index(eos_id)]  # stop at eos; the rest is padding
+                out[i] = tokenizer.decode(row, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = old_side
+        if old_pad is None:
+            tokenizer.pad_token = None
+        if was_training:
+            model.train()
+    return out

@@ -12,11 +12,15 @@ its config, calls one library function, hands the result to MLflow, and returns 
     pipeline.train_stage(cfg)                     # models/adapter, reports/train_metrics.csv, reports/train.json
     pipeline.evaluate_stage(cfg)                  # reports/eval.json, reports/predictions.jsonl
     pipeline.plot_stage(cfg)                      # PNGs
-    pipeline.promote_stage(cfg)                   # registry version, maybe 'champion'; reports/promotion.json
+    pipeline.register_stage(cfg)                  # registry version, maybe 'champion'; reports/promotion.json
 
-Order matters and is the orchestrators' job (dvc.yaml deps, the flow's task order): promotion is last,
-so a failure anywhere earlier never touches the champion. This module imports no orchestrator, and
-heavy libraries only inside the functions.
+Order matters and is the orchestrators' job (dvc.yaml deps, the flow's task order): registration is
+last, so a failure anywhere earlier never touches the champion. This module imports no orchestrator.
+
+Each stage function imports its stage's modules when it runs (the one place in the library where the
+project's own imports sit inside functions): so a stage's code is exactly what that function imports,
+transitively, which is what its ``deps`` in ``dvc.yaml`` list (``tests/test_dvc_deps.py`` computes it),
+and ``fingrpo --help`` or ``fingrpo validate`` do not load torch.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from fingrpo.data.sources import data_files
-from fingrpo.errors import DataError
+from fingrpo.errors import ConfigError, DataError
 from fingrpo.io import write_json_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,24 +43,13 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
-def split_paths(cfg: "Config") -> list[str]:
-    """Every data file the config trains or evaluates on: FinQA's three splits, then the other training
-    sources and evaluation sets (:func:`fingrpo.data.sources.data_files`).
-
-    >>> from fingrpo.config import load_config
-    >>> split_paths(load_config(None))
-    ['data/finqa/train.json', 'data/finqa/dev.json', 'data/finqa/test.json']
-    """
-    return data_files(cfg)
-
-
 PREPARED_FILES = ("tatqa_train.json", "tatqa_dev.json")
 
 
 def needs_prepare(cfg: "Config") -> bool:
     """Whether a file the config trains or evaluates on is an output of :func:`prepare_stage`."""
     out = Path(cfg.prepare.output_dir).resolve()
-    return any(out in Path(p).resolve().parents for p in split_paths(cfg))
+    return any(out in Path(p).resolve().parents for p in data_files(cfg))
 
 
 def prepare_stage(cfg: "Config", input_path: str | None = None, output_dir: str | None = None,
@@ -67,7 +60,6 @@ def prepare_stage(cfg: "Config", input_path: str | None = None, output_dir: str 
     Returns the report (counts per answer type and per drop reason, and per split).
     """
     from fingrpo.data.tatqa import load_tatqa, split_by_table, to_finqa_records
-    from fingrpo.io import write_json_atomic
 
     pcfg = cfg.prepare
     input_path = input_path or pcfg.input_path
@@ -101,7 +93,7 @@ def validate_stage(cfg: "Config", files: list[str] | None = None) -> int:
     """
     from fingrpo.data.validate import run_validation
 
-    files = list(files) if files else split_paths(cfg)
+    files = list(files) if files else data_files(cfg)
     return int(run_validation(files, report_dir=cfg.pipeline.reports_dir, data_docs=cfg.pipeline.data_docs))
 
 
@@ -189,24 +181,27 @@ def sft_stage(cfg: "Config") -> dict:
     return sft_from_config(cfg)
 
 
-def train_stage(cfg: "Config", resume: bool = False) -> dict:
+def train_stage(cfg: "Config", resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
     """GRPO + LoRA training, logged to MLflow when ``tracking.enabled``; returns the trainer's summary.
 
-    The tracking server is checked *before* the model loads, so an unreachable server fails in a second
+    The one place the MLflow callback is attached (the trainer never imports tracking). The tracking
+    server is checked *before* the model loads, so an unreachable server fails in a second
     (:class:`fingrpo.errors.TrackingError`), not after an hour of training. The numeric part of the
     summary is also written to ``pipeline.train_summary_path`` (a ``dvc metrics`` file). Without
-    ``resume`` the previous run's checkpoints are removed first (:func:`clear_checkpoints`).
+    ``resume`` the previous run's checkpoints are removed first (:func:`clear_checkpoints`). ``callbacks``:
+    more trainer callbacks (:class:`fingrpo.grpo.trainer.TrainerCallback`), after the MLflow one.
     """
-    from fingrpo.grpo import trainer
+    from fingrpo.grpo import checkpoint, trainer
 
-    callbacks = []
+    callbacks = list(callbacks)
     if cfg.tracking.enabled:
-        from fingrpo import tracking
+        from fingrpo.tracking import runs
 
-        tracking.check_tracking(cfg)
-        callbacks.append(tracking.MLflowCallback(cfg))
+        runs.check_tracking(cfg)
+        if not any(isinstance(cb, runs.MLflowCallback) for cb in callbacks):
+            callbacks.insert(0, runs.MLflowCallback(cfg))
     if not resume:
-        clear_checkpoints(cfg.train.checkpoint_dir, getattr(trainer, "CHECKPOINT_PREFIX", "step-"))
+        clear_checkpoints(cfg.train.checkpoint_dir, checkpoint.CHECKPOINT_PREFIX)
     started = time.perf_counter()
     summary = dict(trainer.train_from_config(cfg, resume=resume, callbacks=callbacks) or {})
     metrics = _train_summary_metrics(summary)
@@ -222,9 +217,9 @@ def evaluate_stage(cfg: "Config", adapter_dir: str | None = None, base_only: boo
 
     result = evaluate_from_config(cfg, adapter_dir=adapter_dir, base_only=base_only)
     if cfg.tracking.enabled and not base_only:
-        from fingrpo import tracking
+        from fingrpo.tracking import runs
 
-        tracking.log_evaluation(cfg, result)
+        runs.log_evaluation(cfg, result)
     return result
 
 
@@ -234,22 +229,20 @@ def plot_stage(cfg: "Config") -> list[Path]:
 
     paths = [Path(p) for p in plot_from_config(cfg, output_dir=cfg.pipeline.plots_dir)]
     if cfg.tracking.enabled:
-        from fingrpo import tracking
+        from fingrpo.tracking import runs
 
-        tracking.log_plots(cfg, paths)
+        runs.log_plots(cfg, paths)
     return paths
 
 
-def promote_stage(cfg: "Config") -> dict:
+def register_stage(cfg: "Config") -> dict:
     """Register the adapter as a new model version; move ``champion`` only if it beats the current one.
 
-    Returns the decision (also written to ``register.output_path``). Needs tracking: promotion is a
+    Returns the decision (also written to ``register.output_path``). Needs tracking: registration is a
     registry operation, so ``tracking.enabled: false`` is a :class:`fingrpo.errors.ConfigError`.
     """
-    from fingrpo.errors import ConfigError
-
     if not cfg.tracking.enabled:
         raise ConfigError("register: promotion needs the MLflow registry, but tracking.enabled is false")
-    from fingrpo.tracking import promote_from_config
+    from fingrpo.tracking import registry
 
-    return promote_from_config(cfg)
+    return registry.register_from_config(cfg)

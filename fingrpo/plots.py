@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fingrpo.errors import DataError
-from fingrpo.io import atomic_path
+from fingrpo.io import atomic_path, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,6 @@ def read_eval_json(path: str | os.PathLike) -> dict[str, dict[str, dict]]:
 
     Raises :class:`DataError` when the file is missing/malformed or holds no split with a model's metrics.
     """
-    from fingrpo.io import read_json
-
     data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object of splits, got {type(data).__name__}")
@@ -136,8 +134,6 @@ def read_rollout_rewards(path: str | os.PathLike) -> dict[int, dict[str, list[fl
     >>> read_rollout_rewards(p)
     {1: {'format': [0.0, 1.0]}}
     """
-    from fingrpo.io import read_jsonl
-
     out: dict[int, dict[str, list[float]]] = {}
     for i, row in enumerate(read_jsonl(path), 1):
         if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
@@ -160,8 +156,6 @@ def read_prediction_rewards(path: str | os.PathLike) -> dict[str, dict[str, list
 
     The model is the row's ``"model"`` (or ``"variant"``) field, ``"adapter"`` when absent.
     """
-    from fingrpo.io import read_jsonl
-
     out: dict[str, dict[str, list[float]]] = {}
     for row in read_jsonl(path):
         rewards = row.get("rewards") if isinstance(row, dict) else None

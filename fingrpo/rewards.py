@@ -22,7 +22,8 @@ to verify against, and 0.0 is the "no evidence of correctness" value of all of t
 1.0
 
 Range of every reward: [0, 1], except :class:`FinancialQAReward` ([-1, 1]).
-Parsing comes from :mod:`fingrpo.answers`, :mod:`fingrpo.dsl` and :mod:`fingrpo.evaluate`.
+Parsing and execution come from :mod:`fingrpo.answers` (:func:`~fingrpo.answers.execute_completion`) and
+:mod:`fingrpo.dsl`; the tolerant rule from :mod:`fingrpo.scoring`.
 """
 
 from __future__ import annotations
@@ -35,13 +36,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from fingrpo.errors import ConfigError, DataError, FingrpoError
+from fingrpo.answers import GARBAGE_ERRORS, execute_completion, normalize_answer, parse_completion
+from fingrpo.dsl import parse
+from fingrpo.errors import ConfigError, DataError
+from fingrpo.scoring import tolerant_match
 
 log = logging.getLogger(__name__)
 
-# Errors a parser or interpreter may raise on garbage text. A reward turns them into "no credit";
-# anything else (a real bug) propagates to score_completions, which counts it as a failure.
-_GARBAGE_ERRORS = (FingrpoError, ValueError, ArithmeticError, RecursionError, TypeError, IndexError)
+# Errors a parser or interpreter may raise on garbage text (fingrpo.answers.GARBAGE_ERRORS). A reward turns
+# them into "no credit"; anything else (a real bug) propagates to score_completions, which counts it as a failure.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,15 +114,11 @@ class Target:
 
 def _normalize_gold_text(text: str) -> float | str | None:
     """A gold answer given as text ("yes", "94", "34.7%") -> a value via :func:`fingrpo.answers.normalize_answer`."""
-    from fingrpo.answers import normalize_answer
-
     return normalize_answer(text)
 
 
 def _target_from_text(text: str) -> Target:
     """Parse the target string ``"Program: <program>\\nAnswer: <value>"`` (either line may be absent)."""
-    from fingrpo.answers import parse_completion
-
     parsed = parse_completion(text)
     exe_ans = parsed.answer_value
     if exe_ans is None and parsed.program is None:
@@ -138,13 +137,11 @@ def safe_parse_completion(completion: str):
     >>> safe_parse_completion("Program: add(1, 2)\\nAnswer: 3").answer_value
     3.0
     """
-    from fingrpo.answers import parse_completion
-
     if not isinstance(completion, str):
         return None
     try:
         return parse_completion(completion)
-    except _GARBAGE_ERRORS:
+    except GARBAGE_ERRORS:
         return None
 
 
@@ -156,53 +153,28 @@ def safe_parse_program(program: str | None):
     >>> safe_parse_program("subtract(5") is None
     True
     """
-    from fingrpo.dsl import parse
-
     if not program:
         return None
     try:
         steps = parse(program)
-    except _GARBAGE_ERRORS:
+    except GARBAGE_ERRORS:
         return None
     return steps or None
 
 
-def safe_execute(program: str | None, table: list[list[str]] | None = None) -> float | str | None:
-    """:func:`fingrpo.dsl.execute`, or None when the program is absent, fails or gives a non-finite value.
-
-    >>> safe_execute("divide(1, 4)")
-    0.25
-    >>> safe_execute("divide(1, 0)") is None
-    True
-    """
-    from fingrpo.dsl import execute
-
-    if not program:
-        return None
-    try:
-        value = execute(program, table)
-    except _GARBAGE_ERRORS:
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def answers_match(value: float | str | None, exe_ans: float | str | None, rel_tol: float = 1e-3) -> bool:
-    """The tolerant FinQA rule (:func:`fingrpo.evaluate.tolerant_match`), False for missing/garbage values.
+    """The tolerant FinQA rule (:func:`fingrpo.scoring.tolerant_match`), False for missing/garbage values.
 
     >>> answers_match(94.0, 94.0), answers_match(None, 94.0), answers_match(float("inf"), 94.0)
     (True, False, False)
     """
-    from fingrpo.evaluate import tolerant_match
-
     if value is None or exe_ans is None:
         return False
     if isinstance(value, float) and not math.isfinite(value):
         return False
     try:
         return bool(tolerant_match(value, exe_ans, rel_tol=rel_tol))
-    except _GARBAGE_ERRORS:
+    except GARBAGE_ERRORS:
         return False
 
 
@@ -531,13 +503,15 @@ class ProgramExecutionReward(_VerifiableReward):
         tgt = Target.coerce(target)
         if tgt is None or tgt.exe_ans is None:
             return 0.0
-        parsed = safe_parse_completion(completion)
-        if parsed is None or not parsed.program:
+        if not isinstance(completion, str):
             return 0.0
-        value = safe_execute(parsed.program, tgt.table)
-        if value is None:
+        try:
+            parsed, run = execute_completion(completion, tgt.table)
+        except GARBAGE_ERRORS:
             return 0.0
-        return 1.0 if answers_match(value, tgt.exe_ans, self.rel_tol) else self.partial_credit
+        if not parsed.program or run.value is None:
+            return 0.0
+        return 1.0 if answers_match(run.value, tgt.exe_ans, self.rel_tol) else self.partial_credit
 
     def __repr__(self) -> str:
         return f"ProgramExecutionReward(rel_tol={self.rel_tol}, partial_credit={self.partial_credit})"

@@ -21,10 +21,17 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+from fingrpo.data.finqa import make_examples, render_prompt
+from fingrpo.data.sources import few_shot_records, train_sources, training_pool
 from fingrpo.errors import TrainingError
+from fingrpo.grpo.rollout import cache_of, expand_cache_
 from fingrpo.io import atomic_path, write_json_atomic, write_text_atomic
+from fingrpo.model import add_lora, load_model_and_tokenizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fingrpo.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +43,6 @@ def sft_sequences(examples: Sequence[Any], tokenizer: Any, use_chat_template: bo
     >>> tok.decode(ids[n_prompt:])
     'Program: divide(637, const_5)\\nAnswer: 127.4<|im_end|>'
     """
-    from fingrpo.data.finqa import render_prompt
-
     out = []
     eos = tokenizer.eos_token_id
     for ex in examples:
@@ -94,14 +99,12 @@ def reply_loss(model: Any, batch: dict):
     autograd sums the rows' gradients back into it); vocabulary logits only for the last ``keep`` positions."""
     import torch.nn.functional as F
 
-    from fingrpo.grpo.rollout import _cache_of, _expand_cache_
-
     b = batch["input_ids"].shape[0]
     kwargs: dict = {}
     if batch["prefix"].shape[1]:
         pre = model(input_ids=batch["prefix"], use_cache=True, logits_to_keep=1)
-        cache = _cache_of(pre)
-        _expand_cache_(cache, b)
+        cache = cache_of(pre)
+        expand_cache_(cache, b)
         kwargs = {"cache": cache, "use_cache": True}
     keep = batch["keep"]
     logits = model(
@@ -113,7 +116,7 @@ def reply_loss(model: Any, batch: dict):
     return F.cross_entropy(logits[mask].float(), target[mask])
 
 
-def run_sft(model: Any, tokenizer: Any, examples: Sequence[Any], cfg: Any, progress: bool = True) -> dict:
+def run_sft(model: Any, tokenizer: Any, examples: Sequence[Any], cfg: "Config", progress: bool = True) -> dict:
     """Train the LoRA weights of ``model`` (a peft model) on ``examples``' gold replies; returns a summary
     and writes one CSV row of loss per optimizer step to ``sft.metrics_path``."""
     import torch
@@ -184,7 +187,7 @@ def _write_rows(path: str | Path, rows: list[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def sft_from_config(cfg: Any) -> dict:
+def sft_from_config(cfg: "Config") -> dict:
     """config → model → fresh LoRA (seeded) → ``sft.epochs`` passes → ``sft.output_dir`` + summary.
 
     The train records are the same ones GRPO trains on (:func:`fingrpo.data.sources.training_pool`: the
@@ -193,17 +196,13 @@ def sft_from_config(cfg: Any) -> dict:
     import torch
     from transformers import set_seed
 
-    from fingrpo.data.finqa import make_examples
-    from fingrpo.data.sources import train_sources, training_pool
-    from fingrpo.model import add_lora, load_model_and_tokenizer
-
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    few, records = training_pool(cfg)
+    _, records = training_pool(cfg)
     if not records:
         raise TrainingError(f"sft: no train records left in {[s.path for s in train_sources(cfg)]} after the worked examples")
-    examples = make_examples(records, cfg.prompt, tokenizer=tokenizer, few_shot_records=few)
+    examples = make_examples(records, cfg.prompt, tokenizer=tokenizer, few_shot_records=few_shot_records(cfg))
     set_seed(cfg.sft.seed)
     policy = add_lora(model, cfg.lora)
     if cfg.sft.epochs:

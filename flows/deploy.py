@@ -22,6 +22,9 @@ import os
 import sys
 from pathlib import Path
 
+from fingrpo.config import load_config, parse_overrides
+from fingrpo.errors import FingrpoError
+
 DEFAULT_CRON = "0 3 * * 1"  # weekly: Monday 03:00
 DEPLOYMENT_NAME = "scheduled-retrain"
 
@@ -57,9 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # pydantic's ValidationError is a ValueError
         print(f"error: --cron {args.cron!r} / --timezone {args.timezone!r}: not a valid cron schedule", file=sys.stderr)
         return 2
-
-    from fingrpo.config import load_config, parse_overrides
-    from fingrpo.errors import FingrpoError
 
     try:
         overrides = parse_overrides(args.overrides)

@@ -35,7 +35,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from fingrpo import pipeline
-from fingrpo.config import Config, load_config, parse_overrides
+from fingrpo.errors import DataError, FingrpoError, TrackingError
+from fingrpo.tracking.client import is_transient_tracking_error
+from fingrpo.config import Config, dotted_items, load_config, parse_overrides, set_dotted
 
 # Seconds between retries of tracking-touching tasks (a restarting MLflow server needs ~5-30 s).
 RETRY_DELAY_S = float(os.environ.get("FINGRPO_RETRY_DELAY_S", "20"))
@@ -44,8 +46,6 @@ RETRIES = 2
 
 def _is_transient(task, task_run, state) -> bool:
     """Retry only failures a second attempt can fix: tracking server / network trouble."""
-    from fingrpo.errors import TrackingError
-
     exc = getattr(state, "data", None)
     if not isinstance(exc, BaseException):
         try:
@@ -55,9 +55,7 @@ def _is_transient(task, task_run, state) -> bool:
     if isinstance(exc, (TrackingError, ConnectionError, TimeoutError)):
         return True
     # MLflow's own errors: the tracking module's classification (unavailable server, locked SQLite, ...)
-    from fingrpo.tracking import is_transient_tracking_error as transient_tracking_error
-
-    return isinstance(exc, Exception) and transient_tracking_error(exc)
+    return isinstance(exc, Exception) and is_transient_tracking_error(exc)
 
 
 _TRACKED = dict(
@@ -97,9 +95,9 @@ def plot_task(cfg: Config) -> list[str]:
     return [str(p) for p in pipeline.plot_stage(cfg)]
 
 
-@task(name="promote", **_TRACKED)
-def promote_task(cfg: Config) -> dict:
-    return pipeline.promote_stage(cfg)
+@task(name="register", **_TRACKED)
+def register_task(cfg: Config) -> dict:
+    return pipeline.register_stage(cfg)
 
 
 def normalize_overrides(overrides: dict | list | None) -> dict:
@@ -116,26 +114,13 @@ def normalize_overrides(overrides: dict | list | None) -> dict:
         return parse_overrides(list(overrides))
     tree: dict = {}
     for key, value in overrides.items():
-        node = tree
-        *parents, leaf = str(key).split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-            node[leaf].update(value)
-        else:
-            node[leaf] = value
+        set_dotted(tree, str(key), value)
     return tree
 
 
-def _numeric_leaves(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+def _numeric_leaves(obj: Any) -> list[tuple[str, float]]:
     """``{"dev": {"adapter": {"execution_accuracy": 0.2}}}`` -> ``[("dev.adapter.execution_accuracy", 0.2)]``."""
-    out: list[tuple[str, float]] = []
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out += _numeric_leaves(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        out.append((prefix, float(obj)))
-    return out
+    return [(k, float(v)) for k, v in dotted_items(obj) if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
 def summary_markdown(train: dict, evaluation: dict, plots: list[str], promotion: dict) -> str:
@@ -179,8 +164,6 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
     if validate_task(cfg) != 0:
         from prefect.states import Failed
 
-        from fingrpo.errors import DataError
-
         message = pipeline.validation_failure_message(Path(cfg.pipeline.reports_dir) / "validation.json")
         logger.error(message)
         return Failed(message=message, data=DataError(message))  # calling the flow raises this DataError
@@ -192,7 +175,7 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
     train = train_task(cfg, resume=resume)
     evaluation = evaluate_task(cfg)
     plots = plot_task(cfg)
-    promotion = promote_task(cfg)  # last: reached only if every stage above succeeded
+    promotion = register_task(cfg)  # last: reached only if every stage above succeeded
 
     create_markdown_artifact(
         markdown=summary_markdown(train, evaluation, plots, promotion),
@@ -208,8 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
     args = parser.parse_args(argv)
-    from fingrpo.errors import FingrpoError
-
     try:
         retrain(params_path=args.params, overrides=parse_overrides(args.overrides), resume=args.resume)
     except FingrpoError as e:

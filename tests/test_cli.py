@@ -39,7 +39,7 @@ def test_help_is_fast_and_lists_every_stage():
     proc = subprocess.run([sys.executable, "-m", "fingrpo", "--help"], capture_output=True, text=True, timeout=60)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0
-    for command in ("validate", "train", "evaluate", "plot", "promote", "score"):
+    for command in ("validate", "train", "evaluate", "plot", "register", "score"):
         assert command in proc.stdout
     # torch + transformers alone take 4-6 s to import on the 2-core machines; help must stay well below
     assert elapsed < 4.0, f"fingrpo --help took {elapsed:.1f} s"
@@ -67,7 +67,7 @@ def test_bad_overrides_give_one_line_error_and_exit_2(argv, needle, capsys):
 
 def test_bad_override_in_a_subprocess_exits_2_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "fingrpo", "promote", "--set", "register.min_improvement=-1"],
+        [sys.executable, "-m", "fingrpo", "register", "--set", "register.min_improvement=-1"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
         env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
     )

@@ -9,7 +9,9 @@ import pytest
 
 from fingrpo.config import load_config
 from fingrpo.dsl import program_to_tokens
-from fingrpo.evaluate import bootstrap_ci, evaluate_from_config, generate_completions, score_files
+from fingrpo.evaluate import bootstrap_ci, evaluate_from_config
+from fingrpo.model import generate_completions
+from fingrpo.scoring import score_files
 
 ACCURACY_KEYS = ("execution_accuracy", "tolerant_accuracy", "program_accuracy", "format_rate")
 

@@ -13,7 +13,6 @@ import pytest
 from fingrpo.config import PromptConfig
 from fingrpo.data.finqa import (
     SYSTEM_PROMPT,
-    FinancialJSONDataLoader,
     FinQARecord,
     format_exe_ans,
     linearize_table,
@@ -26,6 +25,7 @@ from fingrpo.data.finqa import (
     table_to_markdown,
 )
 from fingrpo.errors import ConfigError, DataError
+from fingrpo.seed import FinancialJSONDataLoader
 
 
 def _raw(**over) -> dict:

@@ -167,7 +167,7 @@ def test_a_failing_stage_never_reaches_promotion(prefect_api, work, monkeypatch)
         raise ModelError("adapter folder unreadable (simulated)")
 
     monkeypatch.setattr(pipeline, "evaluate_stage", broken_evaluate)
-    monkeypatch.setattr(pipeline, "promote_stage", lambda cfg: promoted.append(cfg) or {})
+    monkeypatch.setattr(pipeline, "register_stage", lambda cfg: promoted.append(cfg) or {})
     with pytest.raises(ModelError, match="simulated"):
         _run(work["overrides"])
     assert promoted == []  # a ModelError is not transient: no retry, and promote never ran

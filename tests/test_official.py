@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fingrpo.cli import main
-from fingrpo.evaluate import score_files, score_predictions
+from fingrpo.scoring import score_files, score_predictions
 from fingrpo.official import (
     finqa_equal_program,
     finqa_eval_program,

@@ -62,12 +62,13 @@ class FakeTracking:
 
         self.callback_cls = MLflowCallback
         fake_module(
-            monkeypatch, "fingrpo.tracking",
+            monkeypatch, "fingrpo.tracking.runs",
             MLflowCallback=MLflowCallback, check_tracking=check_tracking,
             log_evaluation=lambda cfg, result: calls.append(("log_evaluation", result)),
             log_plots=lambda cfg, paths: calls.append(("log_plots", list(paths))),
-            promote_from_config=lambda cfg: calls.append(("promote",)) or {"promoted": True},
         )
+        fake_module(monkeypatch, "fingrpo.tracking.registry",
+                    register_from_config=lambda cfg: calls.append(("promote",)) or {"promoted": True})
 
         def train_from_config(cfg, resume=False, callbacks=()):
             calls.append(("train", resume, list(callbacks)))
@@ -143,12 +144,12 @@ def test_evaluate_and_plot_stages_hand_their_results_to_tracking(monkeypatch, cf
     assert fake.calls == [("log_evaluation", result), ("log_plots", [tmp_path / "a.png"])]
 
 
-def test_promote_stage_needs_tracking(monkeypatch, cfg):
+def test_register_stage_needs_tracking(monkeypatch, cfg):
     fake = FakeTracking(monkeypatch)
-    assert pipeline.promote_stage(cfg) == {"promoted": True}
+    assert pipeline.register_stage(cfg) == {"promoted": True}
     off = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
     with pytest.raises(ConfigError, match="tracking.enabled"):
-        pipeline.promote_stage(off)
+        pipeline.register_stage(off)
     assert fake.calls == [("promote",)]
 
 
@@ -161,7 +162,7 @@ def test_validate_stage_defaults_to_the_three_splits_and_the_reports_dir(monkeyp
 
     fake_module(monkeypatch, "fingrpo.data.validate", run_validation=run_validation)
     assert pipeline.validate_stage(cfg) == 1
-    assert seen == {"files": pipeline.split_paths(cfg), "report_dir": cfg.pipeline.reports_dir, "data_docs": True}
+    assert seen == {"files": pipeline.data_files(cfg), "report_dir": cfg.pipeline.reports_dir, "data_docs": True}
     with pytest.raises(DataError, match="validation.json"):
         pipeline.require_valid(cfg, ["x.json"])
     assert seen["files"] == ["x.json"]

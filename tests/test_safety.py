@@ -362,7 +362,7 @@ def test_logged_params_hold_no_tracking_credential(tmp_path, monkeypatch):
 
     The run goes to a local SQLite store (check_tracking is pointed there); the config still carries
     the credentialed URI, as it would with a real server."""
-    import fingrpo.tracking as tracking
+    import fingrpo.tracking.runs as tracking
     from mlflow import MlflowClient
 
     from fingrpo.config import load_config

@@ -10,7 +10,7 @@ import pytest
 from fingrpo.cli import main
 from fingrpo.dsl import program_to_tokens
 from fingrpo.errors import DataError
-from fingrpo.evaluate import (
+from fingrpo.scoring import (
     load_predictions,
     official_match,
     program_equivalent,

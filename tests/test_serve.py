@@ -100,7 +100,7 @@ def test_tracking_flow_against_a_real_mlflow_server(tmp_path, adapter_dir, tiny_
 
     from mlflow import MlflowClient
 
-    from fingrpo.tracking import MLflowCallback, log_evaluation, promote_from_config
+    from fingrpo.tracking import MLflowCallback, log_evaluation, register_from_config
 
     port = _free_port()
     log_path = tmp_path / "server.log"
@@ -120,7 +120,7 @@ def test_tracking_flow_against_a_real_mlflow_server(tmp_path, adapter_dir, tiny_
         result = {"dev": {"adapter": {"execution_accuracy": 0.35}}}
         Path(cfg.evaluate.output_path).write_text(json.dumps(result))
         assert log_evaluation(cfg, result) == cb.run_id
-        decision = promote_from_config(cfg)
+        decision = register_from_config(cfg)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         run = client.get_run(cb.run_id)
         champion = client.get_model_version_by_alias("fingrpo-finqa", "champion")

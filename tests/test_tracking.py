@@ -17,7 +17,7 @@ import pytest
 
 from fingrpo.config import load_config
 from fingrpo.errors import DataError, TrackingError
-from fingrpo.tracking import _fluent_uri
+from fingrpo.tracking.client import fluent_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def _client(cfg):
 
 
 def test_redact_uri_strips_credentials():
-    from fingrpo.tracking import redact_uri
+    from fingrpo.config import redact_uri
 
     assert redact_uri("http://bob:hunter2@10.0.0.5:5000") == "http://***@10.0.0.5:5000"
     assert "hunter2" not in redact_uri("postgresql://bob:hunter2@db/mlflow")
@@ -164,7 +164,7 @@ def test_retry_wrapper_backs_off_and_gives_up(monkeypatch):
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-    from fingrpo import tracking
+    from fingrpo.tracking import client as tracking
 
     sleeps: list[float] = []
     monkeypatch.setattr(tracking.time, "sleep", sleeps.append)
@@ -307,8 +307,8 @@ def test_callback_logs_params_metrics_tags_samples_and_adapter(tmp_path, adapter
 
 
 def test_real_trainer_logs_through_the_callback(tmp_path, tiny_model_path, data_dir):
-    """GRPO on the tiny model for 2 steps: train_from_config adds MLflowCallback itself (tracking on)."""
-    from fingrpo.grpo.trainer import train_from_config
+    """GRPO on the tiny model for 2 steps: the train stage attaches MLflowCallback itself (tracking on)."""
+    from fingrpo.pipeline import train_stage
 
     cfg = make_cfg(
         tmp_path, model_path=tiny_model_path,
@@ -319,7 +319,7 @@ def test_real_trainer_logs_through_the_callback(tmp_path, tiny_model_path, data_
         data={"train_path": str(data_dir / "train.json"), "dev_path": str(data_dir / "dev.json"),
               "test_path": str(data_dir / "test.json"), "provenance_path": str(data_dir / "provenance.json")},
     )
-    summary = train_from_config(cfg)
+    summary = train_stage(cfg)
     run_id = json.loads(Path(cfg.tracking.run_file).read_text())["run_id"]
     client = _client(cfg)
     run = client.get_run(run_id)
@@ -432,7 +432,7 @@ def test_run_file_from_another_store_is_an_error(tmp_path):
 def _promote(tmp_path, adapter_dir, tiny_model_path, value, **register):
     import shutil
 
-    from fingrpo.tracking import MLflowCallback, promote_from_config
+    from fingrpo.tracking import MLflowCallback, register_from_config
 
     cfg = make_cfg(tmp_path, model_path=tiny_model_path, register=register)
     if not Path(cfg.train.output_dir).exists():
@@ -441,7 +441,7 @@ def _promote(tmp_path, adapter_dir, tiny_model_path, value, **register):
     cb.on_train_begin(SimpleNamespace(config=cfg))
     cb.on_train_end({})
     Path(cfg.evaluate.output_path).write_text(json.dumps({"dev": {"adapter": {"execution_accuracy": value}}}))
-    decision = promote_from_config(cfg)
+    decision = register_from_config(cfg)
     assert json.loads(Path(cfg.register.output_path).read_text()) == decision
     assert decision["challenger"]["run_id"] == cb.run_id
     return cfg, decision
@@ -500,17 +500,17 @@ def test_promotion_needs_the_metric_and_the_adapter(tmp_path, adapter_dir, tiny_
     import shutil
 
     from fingrpo.errors import ModelError
-    from fingrpo.tracking import promote_from_config
+    from fingrpo.tracking import register_from_config
 
     cfg = make_cfg(tmp_path, model_path=tiny_model_path)
     Path(cfg.evaluate.output_path).write_text(json.dumps({"dev": {"adapter": {"program_accuracy": 0.1}}}))
     with pytest.raises(DataError, match=r"eval.json: register.metric 'dev.adapter.execution_accuracy' not found"):
-        promote_from_config(cfg)
+        register_from_config(cfg)
     Path(cfg.evaluate.output_path).write_text(json.dumps({"dev": {"adapter": {"execution_accuracy": 0.1}}}))
     with pytest.raises(ModelError, match="adapter"):
-        promote_from_config(cfg)
+        register_from_config(cfg)
     shutil.copytree(adapter_dir, cfg.train.output_dir)
-    assert promote_from_config(cfg)["decision"] == "promoted"  # no training run file: a new run is made
+    assert register_from_config(cfg)["decision"] == "promoted"  # no training run file: a new run is made
 
 
 # ------------------------------------------------------------------------------------------------
@@ -556,11 +556,10 @@ def test_pyfunc_champion_answers_a_finqa_record(champion, data_dir, adapter_dir,
 
     from fingrpo.config import ModelConfig
     from fingrpo.data.finqa import load_split, make_examples, render_prompt
-    from fingrpo.evaluate import generate_completions
-    from fingrpo.model import load_adapter, load_model_and_tokenizer
+    from fingrpo.model import generate_completions, load_adapter, load_model_and_tokenizer
 
     cfg = champion
-    with _fluent_uri(cfg.tracking.tracking_uri):  # restores mlflow's global URIs and env afterwards
+    with fluent_uri(cfg.tracking.tracking_uri):  # restores mlflow's global URIs and env afterwards
         model = mlflow.pyfunc.load_model("models:/fingrpo-finqa@champion")
     rec = _dev_record(data_dir)
     row = {"id": rec["id"], "question": rec["qa"]["question"], "pre_text": rec["pre_text"],
@@ -598,15 +597,15 @@ def test_pyfunc_value_is_the_executed_program(monkeypatch, champion, data_dir):
     import mlflow
     import pandas as pd
 
-    import fingrpo.evaluate
+    from fingrpo.tracking import serving
 
     cfg = champion
-    with _fluent_uri(cfg.tracking.tracking_uri):  # restores mlflow's global URIs and env afterwards
+    with fluent_uri(cfg.tracking.tracking_uri):  # restores mlflow's global URIs and env afterwards
         model = mlflow.pyfunc.load_model("models:/fingrpo-finqa@champion")
     rec = _dev_record(data_dir)
     gold = rec["qa"]["program"]
     canned = iter([[f"Program: {gold}\nAnswer: {rec['qa']['exe_ans']}", "Program: divide(1, 0)\nAnswer: 7"]])
-    monkeypatch.setattr(fingrpo.evaluate, "generate_completions", lambda *a, **k: next(canned))
+    monkeypatch.setattr(serving, "generate_completions", lambda *a, **k: next(canned))
     out = model.predict(pd.DataFrame([{"record": rec}, {"record": rec}]))
     assert out["program"][0] == gold
     assert round(out["value"][0], 5) == pytest.approx(rec["qa"]["exe_ans"])

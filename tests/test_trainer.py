@@ -147,7 +147,7 @@ def test_resume_equals_straight_run(tmp_path, tiny_model_path, crash):
     diff = max(float((got[k] - want[k]).abs().max()) for k in want)
     assert diff <= 1e-6, diff
 
-    rows_a, rows_b = read_csv(straight.tcfg.metrics_path), read_csv(cfg_b.train.metrics_path)
+    rows_a, rows_b = read_csv(straight.train_cfg.metrics_path), read_csv(cfg_b.train.metrics_path)
     assert [r["step"] for r in rows_b] == ["1", "2", "3", "4"]  # no duplicate rows after resume
     for ra, rb in zip(rows_a, rows_b):
         assert ra["reward_mean"] == rb["reward_mean"] and ra["lr"] == rb["lr"]
@@ -169,7 +169,7 @@ def test_backward_chunks_give_the_same_training(tmp_path, tiny_model_path, chunk
     assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-5
     assert max(float((want[k] - lora_state(make_trainer(tiny_cfg(tmp_path / "fresh", tiny_model_path)))[k]).abs().max())
                for k in want) > 1e-3  # the runs did move the adapter
-    for a, b in zip(read_csv(whole.tcfg.metrics_path), read_csv(chunked.tcfg.metrics_path)):
+    for a, b in zip(read_csv(whole.train_cfg.metrics_path), read_csv(chunked.train_cfg.metrics_path)):
         assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-5
         assert abs(float(a["kl"]) - float(b["kl"])) <= 1e-5
 
@@ -368,7 +368,7 @@ def test_eval_interval_reports_quick_evaluation(tmp_path, tiny_model_path, tiny_
 
 
 def test_seed_api_grpojsontrainer(tmp_path, tiny_model_path, tiny_finqa, monkeypatch):
-    from fingrpo.grpo.trainer import GRPOJSONTrainer
+    from fingrpo.seed import GRPOJSONTrainer
 
     monkeypatch.chdir(tmp_path)
     trainer = GRPOJSONTrainer(

@@ -2,7 +2,6 @@
 (:mod:`fingrpo.data.validate`, imported on use: it pulls in Great Expectations)."""
 
 from fingrpo.data.finqa import (
-    FinancialJSONDataLoader,
     FinQAQA,
     FinQARecord,
     PromptExample,
@@ -15,7 +14,6 @@ from fingrpo.data.finqa import (
 )
 
 __all__ = [
-    "FinancialJSONDataLoader",
     "FinQAQA",
     "FinQARecord",
     "PromptExample",

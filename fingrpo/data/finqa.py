@@ -44,10 +44,11 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError, field_validator
 
+from fingrpo.dsl import ProgramError, execute
 from fingrpo.errors import ConfigError, DataError
 from fingrpo.io import read_json
 
@@ -206,8 +207,6 @@ def check_gold_program(rec: FinQARecord, *, source: str = "<record>", index: int
     >>> check_gold_program(rec, source="train.json", index=3)      # doctest: +SKIP
     DataError: train.json: record 3 (id X-1): qa.program: 'divide(5, 0)': divide(5, 0) divides by zero (at position 0)
     """
-    from fingrpo.dsl import ProgramError, execute
-
     try:
         return execute(rec.qa.program, rec.table)
     except ProgramError as e:
@@ -686,68 +685,9 @@ def make_examples(
     return examples
 
 
-class FinancialJSONDataLoader:
-    """Load a FinQA split and build its prompts and targets (the seed's data loader, kept by name).
-
-    >>> loader = FinancialJSONDataLoader("data/finqa/dev.json", tokenizer=tok, context_mode="gold",
-    ...                                  few_shot_records=load_split("data/finqa/train.json"))
-    >>> len(loader), loader.prompts[0][:20], loader.targets[0]
-    (457, '<|im_start|>system\\nYou', 'Program: ...\\nAnswer: ...')
-
-    Prompt options come from ``prompt_cfg`` (a :class:`fingrpo.config.PromptConfig`) and/or keyword
-    overrides of its fields. Without ``few_shot_records`` the worked examples come from the loaded
-    split itself (never the record being asked about). ``max_records`` keeps the first N records.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        prompt_cfg: "PromptConfig | None" = None,
-        tokenizer: Any = None,
-        few_shot_records: Sequence[FinQARecord] | None = None,
-        max_records: int | None = None,
-        **prompt_options: Any,
-    ):
-        from fingrpo.config import PromptConfig
-
-        base = (prompt_cfg or PromptConfig()).model_dump()
-        try:
-            self.prompt_cfg = PromptConfig.model_validate({**base, **prompt_options})
-        except ValidationError as e:
-            err = e.errors()[0]
-            raise ConfigError(f"prompt.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-        self.path = Path(path)
-        self.tokenizer = tokenizer
-        all_records = load_split(path)
-        self.records: list[FinQARecord] = all_records[:max_records]
-        shots = few_shot_records if few_shot_records is not None else all_records
-        self.examples: list[PromptExample] = make_examples(self.records, self.prompt_cfg, tokenizer, shots)
-        self._prompts: list[str] | None = None
-
-    @property
-    def prompts(self) -> list[str]:
-        """Rendered prompts (chat template when ``prompt.use_chat_template``; needs a tokenizer then)."""
-        if self._prompts is None:
-            self._prompts = [render_prompt(e, self.tokenizer, self.prompt_cfg.use_chat_template) for e in self.examples]
-        return self._prompts
-
-    @property
-    def targets(self) -> list[str]:
-        return [e.target for e in self.examples]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __iter__(self) -> Iterator[PromptExample]:
-        return iter(self.examples)
-
-    def __getitem__(self, i: int) -> PromptExample:
-        return self.examples[i]
-
-
 __all__ = [
     "FinQARecord", "FinQAQA", "FinQAStep", "load_split", "check_gold_program", "parse_record", "load_provenance", "random_subset_ids",
     "RANDOM_SAMPLE_SOURCES", "table_row_to_text", "linearize_table", "table_to_markdown", "PromptExample",
-    "make_examples", "render_prompt", "make_target", "format_exe_ans", "FinancialJSONDataLoader", "SYSTEM_PROMPT",
+    "make_examples", "render_prompt", "make_target", "format_exe_ans", "SYSTEM_PROMPT",
     "retrieve", "retrieval_recall",
 ]

@@ -36,21 +36,31 @@ def train_sources(cfg: "Config") -> list[TrainSourceConfig]:
     return [s.model_copy(update={"path": s.path or cfg.data.train_path}) for s in cfg.data.train_sources]
 
 
+def few_shot_records(cfg: "Config") -> list[FinQARecord]:
+    """The worked examples' pool, the one few-shot choice of the project: the first ``prompt.few_shot + 1``
+    records of the first training source ([] for 0-shot). :func:`fingrpo.data.finqa.make_examples` shows
+    the first ``prompt.few_shot`` of them that are not the question itself (the spare one stands in when
+    the question is among them, as a served record may be); :func:`training_pool` keeps the first
+    ``prompt.few_shot`` out of training. The trainer, the evaluation and the served model all use it."""
+    k = cfg.prompt.few_shot
+    return load_split(train_sources(cfg)[0].path)[: k + 1] if k else []
+
+
 def training_pool(cfg: "Config") -> tuple[list[FinQARecord], list[FinQARecord]]:
     """(worked examples, training records): see the module docstring."""
     per_source: list[list[FinQARecord]] = []
-    few: list[FinQARecord] = []
+    k = cfg.prompt.few_shot
     for i, source in enumerate(train_sources(cfg)):
         records = load_split(source.path)
         if i == 0:
-            few, records = records[: cfg.prompt.few_shot], records[cfg.prompt.few_shot :]
+            records = records[k:]  # the worked examples (few_shot_records) are not trained on
         per_source.append(records[: source.max_records] if source.max_records is not None else records)
     pool: list[FinQARecord] = []
-    for k in range(max((len(r) for r in per_source), default=0)):
-        pool += [records[k] for records in per_source if k < len(records)]
+    for j in range(max((len(r) for r in per_source), default=0)):
+        pool += [records[j] for records in per_source if j < len(records)]
     if cfg.train.max_train_records is not None:
         pool = pool[: cfg.train.max_train_records]
-    return few, pool
+    return few_shot_records(cfg)[:k], pool
 
 
 def eval_sets(cfg: "Config") -> list[EvalSetConfig]:
@@ -92,4 +102,4 @@ def data_files(cfg: "Config") -> list[str]:
     return list(dict.fromkeys(files))
 
 
-__all__ = ["dataset_of", "train_sources", "training_pool", "eval_sets", "eval_records", "data_files"]
+__all__ = ["dataset_of", "train_sources", "few_shot_records", "training_pool", "eval_sets", "eval_records", "data_files"]

@@ -47,6 +47,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from fingrpo import dsl
+from fingrpo.data.tatqa import reproduces_answer, tatqa_prediction
 from fingrpo.errors import DataError
 from fingrpo.io import atomic_path, read_json, write_json_atomic
 
@@ -76,8 +78,6 @@ def _exe_ans_kind(v: Any) -> str:
 
 def _flatten(raw: dict | Any, index: int) -> tuple[dict, dict[str, str]]:
     """One record -> (a row of scalar columns for GX, {rule: why it fails} for the report)."""
-    from fingrpo import dsl
-
     why: dict[str, str] = {}
     is_obj = isinstance(raw, dict)
     rec = raw if is_obj else {}
@@ -192,8 +192,6 @@ def _tatqa_reproduces(tatqa: Any, program: str | None, table: Any) -> tuple[bool
     """Whether a converted record's program, executed (unrounded), gives its TAT-QA answer under the
     official TAT-QA rule, read with the percent convention of :mod:`fingrpo.data.tatqa`."""
     from fingrpo import dsl
-    from fingrpo.data.tatqa import reproduces_answer, tatqa_prediction
-
     needed = ("answer", "answer_type", "scale")
     if not isinstance(tatqa, dict) or any(k not in tatqa for k in needed):
         return False, f"tatqa: expected an object with {', '.join(needed)}"
@@ -327,8 +325,6 @@ def run_validation(
     0
     """
     import pandas as pd
-
-    from fingrpo import dsl  # noqa: F401  (fail early, outside GX, if the DSL is broken)
 
     files = [str(f) for f in files]
     if not files:

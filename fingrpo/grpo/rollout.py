@@ -35,13 +35,18 @@ attention, or a peft model over one; ``transformers`` 5 names the cache argument
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
 from fingrpo.errors import ModelError
+from fingrpo.grpo.attention import shared_prompt_attention
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fingrpo.rewards import RewardResult
 
 # ------------------------------------------------------------------------------------------------- the rollout
 
@@ -86,6 +91,47 @@ class Rollout:
         return [row[:n] for row, n in zip(self.completion_ids.tolist(), lengths)]
 
 
+@dataclass
+class GroupBatch:
+    """One rollout micro-batch of a training step, from sampling to the update (N = P·G rows).
+
+    Filled in order by the trainer: ``examples`` + ``rollout`` (sampling), ``completions`` (decoding),
+    ``advantages`` (after the step's rewards are gathered), ``ref_logprobs`` / ``old_logprobs`` (the
+    fixed log-prob passes, only when β > 0 / μ > 1).
+    """
+
+    examples: list[Any]  # (P,) the micro-batch's examples (PromptExample, or a ready prompt str)
+    rollout: Rollout  # completion_ids (N, T), completion_mask (N, T), prompt_ids P x (L_i,)
+    completions: list[str] | None = None  # (N,) decoded completion texts
+    advantages: torch.Tensor | None = None  # (N,) float32 group-relative advantages, on the model's device
+    ref_logprobs: list[torch.Tensor] | None = None  # P x (G, T): the reference policy (adapter off)
+    old_logprobs: list[torch.Tensor] | None = None  # P x (G, T): the sampling policy (before the updates)
+
+    def groups(self) -> Iterator[tuple[torch.Tensor, slice]]:
+        """``(prompt_ids (L,), rows)`` per group: ``rollout.completion_ids[rows]`` is ``(G, T)``."""
+        for p, prompt in enumerate(self.rollout.prompt_ids):
+            yield prompt, self.rollout.group(p)
+
+
+@dataclass
+class StepRollout:
+    """A training step's rollouts on this process, rewarded, with the figures of every process gathered
+    (N_all = completions of all processes in rank order, N = this process's)."""
+
+    batches: list[GroupBatch]  # this process's micro-batches (train.gradient_accumulation_steps)
+    rewards: list[float]  # (N_all,) total reward per completion
+    per_function: dict[str, list[float]]  # reward name -> (N_all,) its values
+    failures: dict[str, int]  # reward name -> completions it failed on (raised / NaN), all processes
+    errors: dict[str, str]  # reward name -> its first error message on this process
+    lengths: list[float]  # (N_all,) completion lengths in tokens (EOS included)
+    truncated: list[float]  # (N_all,) 1.0 where a completion reached max_new_tokens without EOS
+    zero_std_group_fraction: float  # share of groups whose rewards are all equal (no signal)
+    rollout_tokens_per_s: float  # generated tokens of all processes / this process's sampling time
+    prompts: list[str]  # (N,) the prompt text of each local completion
+    completions: list[str]  # (N,) the local completion texts
+    scores: "RewardResult"  # the local completions' rewards (total, per function, failures)
+
+
 # ------------------------------------------------------------------------------------------------- helpers
 
 
@@ -127,7 +173,7 @@ def _check_rows(prompts: list[torch.Tensor], completion_ids: torch.Tensor, compl
         )
 
 
-def _cache_of(out):
+def cache_of(out):
     cache = getattr(out, "cache", None)
     if cache is None:
         cache = getattr(out, "past_key_values", None)
@@ -153,7 +199,7 @@ def _attention_layers(cache) -> list:
     return list(layers)
 
 
-def _expand_cache_(cache, group_size: int, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+def expand_cache_(cache, group_size: int, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """Make a batch-1 cache serve ``group_size`` rows, in place, as views: ``(1, H, L, D) -> (G, H, L, D)``.
 
     ``prefix`` (per-layer ``(1, H, L, D)`` keys/values) resets the layers to it first, e.g. after an earlier
@@ -167,7 +213,7 @@ def _expand_cache_(cache, group_size: int, prefix: list[tuple[torch.Tensor, torc
 def _prompt_forward(model, prompt: torch.Tensor):
     """One prompt's forward: its cache object, per-layer ``(1, H, L, D)`` (keys, values) and last logit ``(1, V)``."""
     pre = model(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
-    cache = _cache_of(pre)
+    cache = cache_of(pre)
     return cache, [(layer.keys, layer.values) for layer in _attention_layers(cache)], pre.logits[:, -1, :]
 
 
@@ -321,8 +367,6 @@ def _decode_chunk(model, prompts: list[torch.Tensor], group_size: int, max_new_t
     for all of them), with a mask that lets each see the prompt and its own earlier tokens only
     (:func:`_decode_mask`). Attention then reads each prompt once per step for its whole group instead
     of G times, and the G queries of a group form one matrix product (``fingrpo_sdpa``)."""
-    from fingrpo.grpo.attention import shared_prompt_attention
-
     device = prompts[0].device
     g = group_size
     n = len(prompts) * g
@@ -334,7 +378,7 @@ def _decode_chunk(model, prompts: list[torch.Tensor], group_size: int, max_new_t
         caches, first_logits = [], []
         for p in prompts:
             out = model(input_ids=p[None], use_cache=True, logits_to_keep=1)
-            caches.append(_cache_of(out))
+            caches.append(cache_of(out))
             first_logits.append(out.logits[:, -1])  # (1, V)
         cache = _decode_cache(caches, lengths, capacity)  # (P, H, L_max + T·G, D)
         del caches
@@ -460,7 +504,7 @@ def _score_rows(model, cache, prefix: list[tuple[torch.Tensor, torch.Tensor]], f
     logp = _token_logprobs(first, comp[None, :, 0], temperature).view(g, 1)  # token 0: one distribution
     if t == 1:
         return logp
-    _expand_cache_(cache, g, prefix)
+    expand_cache_(cache, g, prefix)
     positions = torch.arange(length, length + t - 1, device=comp.device)[None].expand(g, -1)  # (g, T-1)
     out = model(input_ids=comp[:, :-1], attention_mask=attention.mask(_scoring_mask(length, t - 1, comp.device)),
                 position_ids=positions, cache=cache, use_cache=True)
@@ -489,8 +533,6 @@ def completion_logprobs(
 
     Equal (up to float rounding) to :func:`naive_completion_logprobs`, values and gradients.
     """
-    from fingrpo.grpo.attention import shared_prompt_attention
-
     device, prompts, completion_ids, completion_mask = _scoring_inputs(
         model, prompt_ids, completion_ids, completion_mask, group_size)
     g = group_size
@@ -527,8 +569,6 @@ class GroupScorer:
     """
 
     def __init__(self, model, prompt_ids: torch.Tensor | Sequence[int], *, temperature: float = 1.0) -> None:
-        from fingrpo.grpo.attention import shared_prompt_attention
-
         self.model, self.temperature = model, temperature
         (self.prompt,) = _as_prompts([prompt_ids], _model_device(model))
         self._attention_cm = shared_prompt_attention(model)

@@ -38,6 +38,7 @@ SmolLM2 with r=8), so one explicit all-reduce of the flattened gradients per upd
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _io
 import json
@@ -48,15 +49,28 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_checkable
 
+import torch
+
+from fingrpo.data.finqa import load_split, make_examples, render_prompt
+from fingrpo.data.sources import few_shot_records, training_pool
 from fingrpo.errors import ConfigError, TrainingError
+from fingrpo.grpo import checkpoint
+from fingrpo.grpo.checkpoint import latest_checkpoint
+from fingrpo.grpo.loss import GRPOLoss, group_advantages, zero_std_fraction
+from fingrpo.grpo.rollout import GroupBatch, GroupScorer, StepRollout, completion_logprobs, sample_groups
 from fingrpo.io import atomic_path, write_json_atomic, write_text_atomic
+from fingrpo.model import add_lora, generate_completions, load_adapter, load_model_and_tokenizer
+from fingrpo.rewards import build_rewards, score_completions
+from fingrpo.scoring import score_prediction
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fingrpo.config import Config
 
 #: K: consecutive non-finite updates, or consecutive steps where a reward failed on every completion,
 #: after which training stops with a TrainingError.
 MAX_CONSECUTIVE_FAILURES = 3
-CHECKPOINT_PREFIX = "step-"
 
 
 @runtime_checkable
@@ -101,41 +115,6 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _load_tensors(path: Path, map_location: Any = None) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled code.
-    A file that needs more (or is corrupt) is a :class:`TrainingError` naming it."""
-    import torch
-
-    if not path.is_file():
-        raise TrainingError(f"{path}: missing from the checkpoint")
-    try:
-        return torch.load(path, weights_only=True, map_location=map_location)
-    except Exception as e:  # UnpicklingError for a poisoned/foreign pickle, RuntimeError for a corrupt zip
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise TrainingError(
-            f"{path}: refused to load (weights_only): {type(e).__name__}: {first[:200]}; "
-            "delete this checkpoint folder or resume from another"
-        ) from None
-
-
-def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """The complete ``step-<n>`` folder with the largest n (temp folders start with '.', so never match).
-
-    >>> latest_checkpoint("models/checkpoints")   # doctest: +SKIP
-    PosixPath('models/checkpoints/step-20')
-    """
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file():
-            suffix = p.name[len(CHECKPOINT_PREFIX):]
-            if suffix.isdigit():
-                found.append((int(suffix), p))
-    return max(found)[1] if found else None
-
-
 class GRPOTrainer:
     """GRPO with LoRA on a causal LM; see the module docstring for one step.
 
@@ -156,17 +135,14 @@ class GRPOTrainer:
         reward_functions: Sequence[Any],
         train_examples: Sequence[Any],
         eval_examples: Sequence[Any] | None,
-        config: Any,
+        config: "Config",
         callbacks: Iterable[Any] = (),
         accelerator: Any = None,
     ) -> None:
-        import torch
         from peft import PeftModel
 
-        from fingrpo.grpo.loss import GRPOLoss
-
         self.config = config
-        self.tcfg = tcfg = config.train
+        self.train_cfg = train_cfg = config.train
         if not train_examples:
             raise TrainingError("no training examples (check data.train_path / data.train_sources and train.max_train_records)")
         if accelerator is None:
@@ -178,20 +154,18 @@ class GRPOTrainer:
         self.rank = accelerator.process_index
         self.is_main = accelerator.is_main_process
         self.device = accelerator.device
-        if tcfg.prompts_per_step % self.world:
+        if train_cfg.prompts_per_step % self.world:
             raise ConfigError(
-                f"train.prompts_per_step={tcfg.prompts_per_step} must be divisible by the number of processes ({self.world})"
+                f"train.prompts_per_step={train_cfg.prompts_per_step} must be divisible by the number of processes ({self.world})"
             )
-        self.local_prompts = tcfg.prompts_per_step // self.world
-        if tcfg.gradient_accumulation_steps > self.local_prompts:
+        self.local_prompts = train_cfg.prompts_per_step // self.world
+        if train_cfg.gradient_accumulation_steps > self.local_prompts:
             raise ConfigError(
-                f"train.gradient_accumulation_steps={tcfg.gradient_accumulation_steps} exceeds the prompts per "
+                f"train.gradient_accumulation_steps={train_cfg.gradient_accumulation_steps} exceeds the prompts per "
                 f"process and step ({self.local_prompts}): each rollout micro-batch needs at least one prompt"
             )
 
         if not isinstance(model, PeftModel):
-            from fingrpo.model import add_lora
-
             model = add_lora(model, config.lora)
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
@@ -201,7 +175,7 @@ class GRPOTrainer:
         self.train_examples = list(train_examples)
         self.eval_examples = list(eval_examples or [])
         self.callbacks = list(callbacks)
-        self.loss_fn = GRPOLoss(tcfg.epsilon, tcfg.epsilon_high, tcfg.beta, tcfg.loss_type)
+        self.loss_fn = GRPOLoss(train_cfg.epsilon, train_cfg.epsilon_high, train_cfg.beta, train_cfg.loss_type)
 
         # Only the LoRA weights train; the order is deterministic (named_parameters), which the
         # optimizer's checkpointed state relies on.
@@ -209,17 +183,17 @@ class GRPOTrainer:
         if not self.params:
             raise TrainingError("the model has no trainable parameters (is the LoRA adapter active?)")
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=tcfg.learning_rate, betas=tuple(tcfg.adam_betas), weight_decay=tcfg.weight_decay
+            self.params, lr=train_cfg.learning_rate, betas=tuple(train_cfg.adam_betas), weight_decay=train_cfg.weight_decay
         )
         from transformers import get_scheduler
 
         # μ optimizer updates per step: the schedule counts updates, not steps.
-        mu = tcfg.num_iterations
+        mu = train_cfg.num_iterations
         self.scheduler = get_scheduler(
-            "constant_with_warmup" if tcfg.lr_scheduler == "constant" else tcfg.lr_scheduler,
+            "constant_with_warmup" if train_cfg.lr_scheduler == "constant" else train_cfg.lr_scheduler,
             self.optimizer,
-            num_warmup_steps=tcfg.warmup_steps * mu,
-            num_training_steps=tcfg.max_steps * mu,
+            num_warmup_steps=train_cfg.warmup_steps * mu,
+            num_training_steps=train_cfg.max_steps * mu,
         )
 
         # State that checkpoints carry.
@@ -230,6 +204,7 @@ class GRPOTrainer:
         self._reward_fail_streak: dict[str, int] = {}
         self.should_stop = False
         self.last_samples: list[dict] = []
+        self.last_rollout: StepRollout | None = None  # the latest step's rollouts (metrics files, failure check)
         self.last_eval: dict = {}
         self._rows: list[dict] = []
         self._token_cache: dict[int, Any] = {}
@@ -249,26 +224,22 @@ class GRPOTrainer:
         """The example order of ``epoch``: a permutation seeded by (seed, epoch), the same on every process."""
         if epoch not in self._perm_cache:
             order = list(range(len(self.train_examples)))
-            random.Random(f"{self.tcfg.seed}-{epoch}").shuffle(order)
+            random.Random(f"{self.train_cfg.seed}-{epoch}").shuffle(order)
             self._perm_cache = {epoch: order}  # keep one epoch: positions only move forward
         return self._perm_cache[epoch]
 
     def _step_indices(self, position: int) -> list[int]:
         """Example indices of the ``prompts_per_step`` examples starting at data ``position``."""
         n = len(self.train_examples)
-        return [self._epoch_order(i // n)[i % n] for i in range(position, position + self.tcfg.prompts_per_step)]
+        return [self._epoch_order(i // n)[i % n] for i in range(position, position + self.train_cfg.prompts_per_step)]
 
     def render(self, example: Any) -> str:
         """The exact prompt text of an example (chat template as configured)."""
         if isinstance(example, str):
             return example
-        from fingrpo.data.finqa import render_prompt
-
         return render_prompt(example, self.tokenizer, use_chat_template=self.config.prompt.use_chat_template)
 
     def _prompt_ids(self, index: int, example: Any):
-        import torch
-
         if index not in self._token_cache:
             text = self.render(example)
             # the chat template already starts with <|im_start|>: no extra special tokens
@@ -289,9 +260,7 @@ class GRPOTrainer:
         """A sampling generator derived from (seed, step, rank): resume needs no generator state and every
         process samples differently."""
         import numpy as np
-        import torch
-
-        seed = int(np.random.SeedSequence([self.tcfg.seed, step, self.rank]).generate_state(1)[0])
+        seed = int(np.random.SeedSequence([self.train_cfg.seed, step, self.rank]).generate_state(1)[0])
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         return gen
@@ -308,8 +277,6 @@ class GRPOTrainer:
         """Concatenate equal-length float lists of all processes in rank order."""
         if self.world == 1:
             return [float(v) for v in values]
-        import torch
-
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
         return [float(v) for v in self.accelerator.gather(t).cpu()]
 
@@ -331,42 +298,36 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------------------------------- one step
 
-    def _rollout(self, examples: list[tuple[int, Any]], step: int) -> dict:
+    def _rollout(self, examples: list[tuple[int, Any]], step: int) -> StepRollout:
         """Sample the step's completions in micro-batches; score them; advantages over all processes."""
         import numpy as np
-        import torch
 
-        from fingrpo.grpo.loss import group_advantages, zero_std_fraction
-        from fingrpo.grpo.rollout import sample_groups
-        from fingrpo.rewards import score_completions
-
-        tcfg, G = self.tcfg, self.tcfg.group_size
+        train_cfg, G = self.train_cfg, self.train_cfg.group_size
         gen = self._sampling_generator(step)
-        chunks = [list(c) for c in np.array_split(np.arange(len(examples)), tcfg.gradient_accumulation_steps)]
-        micro = []
+        chunks = [list(c) for c in np.array_split(np.arange(len(examples)), train_cfg.gradient_accumulation_steps)]
+        batches: list[GroupBatch] = []
         t0 = time.perf_counter()
         self.model.eval()
         for chunk in chunks:
             prompt_ids = [self._prompt_ids(examples[i][0], examples[i][1]).to(self.device) for i in chunk]
             rollout = sample_groups(
                 self.model, prompt_ids, G,
-                max_new_tokens=tcfg.max_new_tokens, temperature=tcfg.temperature, top_p=tcfg.top_p,
+                max_new_tokens=train_cfg.max_new_tokens, temperature=train_cfg.temperature, top_p=train_cfg.top_p,
                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                 generator=gen,
             )
-            micro.append({"examples": [examples[i][1] for i in chunk], "rollout": rollout})
+            batches.append(GroupBatch(examples=[examples[i][1] for i in chunk], rollout=rollout))
         rollout_seconds = time.perf_counter() - t0
 
         # Rewards on this process's completions ...
         prompts, completions, targets, lengths, truncated = [], [], [], [], []
-        for mb in micro:
-            r = mb["rollout"]
-            texts = self._decode(r.completion_ids, r.completion_mask)
-            mb["completions"] = texts
-            for j, ex in enumerate(mb["examples"]):
+        for batch in batches:
+            r = batch.rollout
+            batch.completions = self._decode(r.completion_ids, r.completion_mask)
+            for ex in batch.examples:
                 prompts += [self.render(ex)] * G
                 targets += [self._target(ex)] * G
-            completions += texts
+            completions += batch.completions
             lengths += [int(x) for x in r.completion_mask.sum(dim=1).tolist()]
             truncated += [float(x) for x in r.truncated.float().tolist()]
         result = score_completions(self.reward_functions, prompts, completions, targets, self.config.rewards.nan_value)
@@ -377,71 +338,57 @@ class GRPOTrainer:
         failures_t = torch.tensor([float(result.failures.get(k, 0)) for k in result.per_function], dtype=torch.float64)
         failures_all = dict(zip(result.per_function, self._all_reduce_sum(failures_t.to(self.device)).cpu().tolist()))
         lengths_all = self._gather_floats(lengths)
-        truncated_all = self._gather_floats(truncated)
         rewards_all = torch.tensor(total_all, dtype=torch.float32)
-        adv_all = group_advantages(rewards_all, G, scale=tcfg.advantage_scale)  # (N_all,)
+        adv_all = group_advantages(rewards_all, G, scale=train_cfg.advantage_scale)  # (N_all,)
         n_local = len(result.total)
         adv_local = adv_all[self.rank * n_local:(self.rank + 1) * n_local]
         offset = 0
-        for mb in micro:
-            n = mb["rollout"].completion_ids.shape[0]
-            mb["advantages"] = adv_local[offset:offset + n].to(self.device)
+        for batch in batches:
+            n = batch.rollout.completion_ids.shape[0]
+            batch.advantages = adv_local[offset:offset + n].to(self.device)
             offset += n
 
-        tokens_generated = float(sum(lengths_all))
-        return {
-            "micro": micro,
-            "rewards": total_all,
-            "per_function": per_function_all,
-            "failures": {k: int(v) for k, v in failures_all.items()},
-            "errors": dict(getattr(result, "errors", {}) or {}),
-            "lengths": lengths_all,
-            "truncated": truncated_all,
-            "zero_std_group_fraction": zero_std_fraction(rewards_all, G),
-            "rollout_tokens_per_s": tokens_generated / max(rollout_seconds, 1e-9),
-            "local": {"prompts": prompts, "completions": completions, "result": result},
-        }
+        return StepRollout(
+            batches=batches,
+            rewards=total_all,
+            per_function=per_function_all,
+            failures={k: int(v) for k, v in failures_all.items()},
+            errors=dict(getattr(result, "errors", {}) or {}),
+            lengths=lengths_all,
+            truncated=self._gather_floats(truncated),
+            zero_std_group_fraction=zero_std_fraction(rewards_all, G),
+            rollout_tokens_per_s=float(sum(lengths_all)) / max(rollout_seconds, 1e-9),
+            prompts=prompts,
+            completions=completions,
+            scores=result,
+        )
 
-    def _groups(self, mb: dict):
-        """Yield (prompt_ids [1 tensor], row slice) per group of a micro-batch."""
-        r, G = mb["rollout"], self.tcfg.group_size
-        for g, p in enumerate(r.prompt_ids):
-            yield [p], slice(g * G, (g + 1) * G)
-
-    def _fixed_logprobs(self, micro: list[dict], key: str, disable_adapter: bool) -> None:
-        """Store per-group log-probs without gradients: ``old`` (sampling policy) or ``ref`` (adapter off)."""
-        import contextlib
-
-        import torch
-
-        from fingrpo.grpo.rollout import completion_logprobs
-
-        G = self.tcfg.group_size
+    def _fixed_logprobs(self, batches: list[GroupBatch], which: str, disable_adapter: bool) -> None:
+        """Store per-group log-probs without gradients: ``which`` = ``"old"`` (the sampling policy, in
+        ``old_logprobs``) or ``"ref"`` (adapter off, in ``ref_logprobs``)."""
+        G = self.train_cfg.group_size
         ctx = self.model.disable_adapter() if disable_adapter else contextlib.nullcontext()
         self.model.eval()
         with torch.no_grad(), ctx:
-            for mb in micro:
-                r = mb["rollout"]
-                mb[key] = [
+            for batch in batches:
+                r = batch.rollout
+                logprobs = [
                     completion_logprobs(
-                        self.model, p, r.completion_ids[rows], r.completion_mask[rows], G,
-                        temperature=self.tcfg.temperature,
+                        self.model, [prompt], r.completion_ids[rows], r.completion_mask[rows], G,
+                        temperature=self.train_cfg.temperature,
                     ).detach()
-                    for p, rows in self._groups(mb)
+                    for prompt, rows in batch.groups()
                 ]
+                setattr(batch, f"{which}_logprobs", logprobs)
 
-    def _update(self, micro: list[dict]) -> dict:
+    def _update(self, batches: list[GroupBatch]) -> dict:
         """One optimizer update over the whole step's rollouts; returns its loss/stat/grad figures."""
-        import torch
-
-        from fingrpo.grpo.rollout import GroupScorer
-
-        G = self.tcfg.group_size
-        chunk = min(self.tcfg.backward_chunk_size or G, G)
+        train_cfg, G = self.train_cfg, self.train_cfg.group_size
+        chunk = min(train_cfg.backward_chunk_size or G, G)
         # Normalisers of the full (local) batch, so per-group losses add up to the full-batch loss.
-        num_sequences = sum(mb["rollout"].completion_ids.shape[0] for mb in micro)
-        num_tokens = float(sum(mb["rollout"].completion_mask.sum() for mb in micro))
-        max_length = max(mb["rollout"].completion_ids.shape[1] for mb in micro)
+        num_sequences = sum(b.rollout.completion_ids.shape[0] for b in batches)
+        num_tokens = float(sum(b.rollout.completion_mask.sum() for b in batches))
+        max_length = max(b.rollout.completion_ids.shape[1] for b in batches)
         norms = {"num_sequences": num_sequences, "num_tokens": max(num_tokens, 1.0), "max_length": max_length}
 
         self.model.train()
@@ -450,22 +397,22 @@ class GRPOTrainer:
         stat_keys = ("kl", "clip_fraction_low", "clip_fraction_high", "ratio_mean")
         stat_sums = dict.fromkeys(stat_keys, 0.0)
         stat_tokens = 0.0
-        for mb in micro:
-            r = mb["rollout"]
-            for gi, (p, rows) in enumerate(self._groups(mb)):
+        for batch in batches:
+            r = batch.rollout
+            for gi, (prompt, rows) in enumerate(batch.groups()):
                 # One forward of the prompt; its G completions back-propagated `chunk` rows at a time (each
                 # backward frees that chunk's activations), then the prompt's share once: the gradients of
                 # one backward over the group, the peak memory of one chunk. Scored at the sampling
                 # temperature, so ρ compares the sampling distributions.
-                with GroupScorer(self.model, p[0], temperature=self.tcfg.temperature) as scorer:
+                with GroupScorer(self.model, prompt, temperature=train_cfg.temperature) as scorer:
                     for start in range(0, G, chunk):
                         end = min(start + chunk, G)
                         local, part = slice(start, end), slice(rows.start + start, rows.start + end)
                         ids, mask = r.completion_ids[part], r.completion_mask[part]
                         logprobs = scorer.logprobs(ids, mask)  # (chunk, T) with grad
-                        old = mb["old"][gi][local] if "old" in mb else None
-                        ref = mb["ref"][gi][local] if "ref" in mb else None
-                        loss, stats = self.loss_fn(logprobs, old, ref, mb["advantages"][part], mask, **norms)
+                        old = batch.old_logprobs[gi][local] if batch.old_logprobs is not None else None
+                        ref = batch.ref_logprobs[gi][local] if batch.ref_logprobs is not None else None
+                        loss, stats = self.loss_fn(logprobs, old, ref, batch.advantages[part], mask, **norms)
                         loss.backward()
                         loss_sum += float(loss.detach())
                         w = float(stats.get("num_tokens", float(mask.sum())))
@@ -494,10 +441,10 @@ class GRPOTrainer:
         loss_value = extra[0] / self.world
         total_tokens = extra[1]
         stats = {k: (extra[2 + i] / total_tokens if total_tokens > 0 else float("nan")) for i, k in enumerate(stat_keys)}
-        if self.tcfg.beta <= 0 and "ref" not in micro[0]:
+        if train_cfg.beta <= 0 and batches[0].ref_logprobs is None:
             stats["kl"] = float("nan")  # no reference pass: the KL is not measured
 
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.max_grad_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, train_cfg.max_grad_norm))
         lr = float(self.scheduler.get_last_lr()[0])
         finite = _finite(loss_value) and _finite(grad_norm)
         if finite:
@@ -514,20 +461,20 @@ class GRPOTrainer:
     def train_step(self) -> dict:
         """Run one step (rollouts, rewards, μ updates); return its metrics (numbers only)."""
         t0 = time.perf_counter()
+        train_cfg = self.train_cfg
         step = self.step + 1
         indices = self._step_indices(self.data_position)
         local = indices[self.rank * self.local_prompts:(self.rank + 1) * self.local_prompts]
-        batch = self._rollout([(i, self.train_examples[i]) for i in local], step)
-        micro = batch["micro"]
-        if self.tcfg.beta > 0:
-            self._fixed_logprobs(micro, "ref", disable_adapter=True)
-        if self.tcfg.num_iterations > 1:
-            self._fixed_logprobs(micro, "old", disable_adapter=False)
-        updates = [self._update(micro) for _ in range(self.tcfg.num_iterations)]
+        rollout = self._rollout([(i, self.train_examples[i]) for i in local], step)
+        if train_cfg.beta > 0:
+            self._fixed_logprobs(rollout.batches, "ref", disable_adapter=True)
+        if train_cfg.num_iterations > 1:
+            self._fixed_logprobs(rollout.batches, "old", disable_adapter=False)
+        updates = [self._update(rollout.batches) for _ in range(train_cfg.num_iterations)]
 
         self.step = step
-        self.data_position += self.tcfg.prompts_per_step
-        rewards = batch["rewards"]
+        self.data_position += train_cfg.prompts_per_step
+        rewards = rollout.rewards
         metrics: dict[str, float] = {
             "step": step,
             "epoch": self.data_position / len(self.train_examples),
@@ -535,47 +482,46 @@ class GRPOTrainer:
             "reward_mean": _mean(rewards),
             "reward_std": _std(rewards),
         }
-        for name, values in batch["per_function"].items():
+        for name, values in rollout.per_function.items():
             metrics[f"reward/{name}_mean"] = _mean(values)
             metrics[f"reward/{name}_std"] = _std(values)
-            metrics[f"reward/{name}_failures"] = batch["failures"].get(name, 0)
+            metrics[f"reward/{name}_failures"] = rollout.failures.get(name, 0)
         for k in ("kl", "clip_fraction_low", "clip_fraction_high", "ratio_mean"):
             metrics[k] = _mean([u[k] for u in updates])
         finite_norms = [u["grad_norm"] for u in updates if u["finite"]]
         metrics.update(
-            completion_length_mean=_mean(batch["lengths"]),
-            completion_length_max=max(batch["lengths"]) if batch["lengths"] else 0,
-            truncated_fraction=_mean(batch["truncated"]),
-            zero_std_group_fraction=batch["zero_std_group_fraction"],
+            completion_length_mean=_mean(rollout.lengths),
+            completion_length_max=max(rollout.lengths) if rollout.lengths else 0,
+            truncated_fraction=_mean(rollout.truncated),
+            zero_std_group_fraction=rollout.zero_std_group_fraction,
             grad_norm=_mean(finite_norms) if finite_norms else float("nan"),
             lr=updates[0]["lr"],
-            rollout_tokens_per_s=batch["rollout_tokens_per_s"],
+            rollout_tokens_per_s=rollout.rollout_tokens_per_s,
             nonfinite_skips=self.nonfinite_skips,
             step_seconds=time.perf_counter() - t0,
         )
-        self._last_batch = batch
-        self.last_samples = self._samples(batch, step)
+        self.last_rollout = rollout
+        self.last_samples = self._samples(rollout, step)
         return metrics
 
-    def _samples(self, batch: dict, step: int) -> list[dict]:
+    def _samples(self, rollout: StepRollout, step: int) -> list[dict]:
         """The first ``num_samples_to_log`` completions of this process, with their rewards."""
-        local = batch["local"]
-        result = local["result"]
+        result = rollout.scores
         out = []
-        for i in range(min(self.tcfg.num_samples_to_log, len(local["completions"]))):
-            row = {"step": step, "prompt_tail": local["prompts"][i][-200:], "completion": local["completions"][i],
+        for i in range(min(self.train_cfg.num_samples_to_log, len(rollout.completions))):
+            row = {"step": step, "prompt_tail": rollout.prompts[i][-200:], "completion": rollout.completions[i],
                    "reward": result.total[i]}
             row.update({f"reward/{k}": v[i] for k, v in result.per_function.items()})
             out.append(row)
         return out
 
-    def _check_failures(self, batch: dict, step: int) -> None:
-        n = len(batch["rewards"])
-        for name, failed in batch["failures"].items():
+    def _check_failures(self, rollout: StepRollout, step: int) -> None:
+        n = len(rollout.rewards)
+        for name, failed in rollout.failures.items():
             streak = self._reward_fail_streak.get(name, 0) + 1 if failed >= n > 0 else 0
             self._reward_fail_streak[name] = streak
             if streak >= MAX_CONSECUTIVE_FAILURES:
-                err = batch["errors"].get(name, "")
+                err = rollout.errors.get(name, "")
                 raise TrainingError(
                     f"step {step}: reward {name!r} failed on every completion for {streak} steps in a row"
                     + (f" (first error: {err})" if err else "")
@@ -586,16 +532,13 @@ class GRPOTrainer:
     def evaluate(self, step: int | None = None) -> tuple[dict, list[dict]]:
         """Greedy completions on the first ``eval_subset_size`` dev examples: mean reward, execution
         accuracy (official rule), tolerant accuracy, format rate, and a few sample predictions."""
-        from fingrpo.evaluate import generate_completions, score_prediction
-        from fingrpo.rewards import score_completions
-
-        examples = self.eval_examples[: self.tcfg.eval_subset_size]
+        examples = self.eval_examples[: self.train_cfg.eval_subset_size]
         if not examples:
             return {}, []
         prompts = [self.render(ex) for ex in examples]
         self.model.eval()
         completions = generate_completions(
-            self.model, self.tokenizer, prompts, max_new_tokens=self.tcfg.max_new_tokens,
+            self.model, self.tokenizer, prompts, max_new_tokens=self.train_cfg.max_new_tokens,
             batch_size=max(1, min(len(prompts), self.config.evaluate.batch_size)),
         )
         result = score_completions(
@@ -628,114 +571,23 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------------------------------- files
 
-    def _rng_state(self) -> dict:
-        import numpy as np
-        import torch
-
-        np_state = np.random.get_state()
-        state = {
-            "python": random.getstate(),
-            # numpy's state holds an ndarray, which weights_only loading refuses: store it as a list
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "torch": torch.get_rng_state(),
-            # the sampling generator is re-derived from (seed, step, rank) each step; kept for the record
-            "sampling": self._sampling_generator(self.step + 1).get_state().cpu(),
-        }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def _set_rng_state(self, state: dict) -> None:
-        import numpy as np
-        import torch
-
-        py = state["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        n = state["numpy"]
-        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint_dir/step-<n>/`` atomically (main process); every process must call it."""
-        import torch
-
-        rng_states = self._gather_objects(self._rng_state())  # one entry per rank
-        path = Path(self.tcfg.checkpoint_dir) / f"{CHECKPOINT_PREFIX}{self.step}"
-        if self.is_main:
-            with atomic_path(path, is_dir=True) as tmp:
-                self.model.save_pretrained(tmp / "adapter", safe_serialization=True)
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-                torch.save({"ranks": rng_states}, tmp / "rng_state.pt")
-                write_json_atomic(tmp / "config.json", self.config.public_dump())
-                write_json_atomic(tmp / "trainer_state.json", {
-                    "step": self.step,
-                    "data_position": self.data_position,
-                    "num_processes": self.world,
-                    "nonfinite_skips": self.nonfinite_skips,
-                    "nonfinite_streak": self._nonfinite_streak,
-                    "reward_fail_streak": self._reward_fail_streak,
-                })
-            self._prune_checkpoints()
-        self.accelerator.wait_for_everyone()
+        """Write ``checkpoint_dir/step-<n>/`` (:func:`fingrpo.grpo.checkpoint.save_checkpoint`); every
+        process must call it."""
+        path = checkpoint.save_checkpoint(self)
         self._callback("on_save", self.step, path)
         return path
 
-    def _prune_checkpoints(self) -> None:
-        import shutil
-
-        keep = self.tcfg.keep_checkpoints
-        if keep is None:
-            return
-        root = Path(self.tcfg.checkpoint_dir)
-        steps = sorted(
-            (int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in root.iterdir()
-            if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()
-        )
-        for _, p in steps[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
-
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore adapter, optimizer, scheduler, RNG, step and data position from a checkpoint folder."""
-        import torch
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        saved_cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        current = self.config.model_dump(mode="json")
-        for section in ("model", "lora"):
-            if saved_cfg.get(section) != current.get(section):
-                raise TrainingError(
-                    f"{path}: checkpoint was trained with a different {section} config "
-                    f"({saved_cfg.get(section)} vs now {current.get(section)}); resume with the same params"
-                )
-        weights = path / "adapter" / "adapter_model.safetensors"
-        if not weights.is_file():
-            raise TrainingError(f"{path}: adapter/adapter_model.safetensors missing")
-        result = set_peft_model_state_dict(self.model, load_file(str(weights), device=str(self.device)))
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise TrainingError(f"{weights}: unexpected adapter weights {unexpected[:3]}")
-        self.optimizer.load_state_dict(_load_tensors(path / "optimizer.pt", map_location=self.device))
-        self.scheduler.load_state_dict(_load_tensors(path / "scheduler.pt"))
-        rng = _load_tensors(path / "rng_state.pt")["ranks"]
-        self._set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
-        self.step = int(state["step"])
-        self.data_position = int(state["data_position"])
-        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
-        self._nonfinite_streak = int(state.get("nonfinite_streak", 0))
-        self._reward_fail_streak = {k: int(v) for k, v in state.get("reward_fail_streak", {}).items()}
+        checkpoint.load_checkpoint(self, path)
 
     def _init_metric_files(self, resume: bool) -> None:
         """Fresh run: empty files. Resume: keep the rows up to the checkpoint's step (drops rows written
         after the checkpoint by an interrupted run, so no step appears twice)."""
         if not self.is_main:
             return
-        metrics_path, rollout_path = Path(self.tcfg.metrics_path), Path(self.tcfg.rollout_rewards_path)
+        metrics_path, rollout_path = Path(self.train_cfg.metrics_path), Path(self.train_cfg.rollout_rewards_path)
         self._rows = []
         if resume and metrics_path.exists():
             with metrics_path.open(newline="", encoding="utf-8") as f:
@@ -756,12 +608,12 @@ class GRPOTrainer:
         writer = csv.DictWriter(buf, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(self._rows)
-        write_text_atomic(self.tcfg.metrics_path, buf.getvalue() if fields else "")
+        write_text_atomic(self.train_cfg.metrics_path, buf.getvalue() if fields else "")
 
-    def _log_rollout(self, step: int, batch: dict) -> None:
-        row = {"step": step, **{f"reward/{k}": v for k, v in batch["per_function"].items()},
-               "total": batch["rewards"], "completion_lengths": [int(x) for x in batch["lengths"]]}
-        path = Path(self.tcfg.rollout_rewards_path)
+    def _log_rollout(self, step: int, rollout: StepRollout) -> None:
+        row = {"step": step, **{f"reward/{k}": v for k, v in rollout.per_function.items()},
+               "total": rollout.rewards, "completion_lengths": [int(x) for x in rollout.lengths]}
+        path = Path(self.train_cfg.rollout_rewards_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -776,20 +628,19 @@ class GRPOTrainer:
         When all steps are done (and ``save_final``), the adapter + tokenizer + resolved config go to
         ``train.output_dir`` before ``on_train_end`` (so a tracking callback can log them).
         """
-        import torch
         from tqdm.auto import tqdm
 
         from transformers import set_seed
 
-        tcfg = self.tcfg
-        if tcfg.threads:
-            torch.set_num_threads(tcfg.threads)
-        set_seed(tcfg.seed)
+        train_cfg = self.train_cfg
+        if train_cfg.threads:
+            torch.set_num_threads(train_cfg.threads)
+        set_seed(train_cfg.seed)
         if resume:
-            ckpt = latest_checkpoint(tcfg.checkpoint_dir)
+            ckpt = latest_checkpoint(train_cfg.checkpoint_dir)
             if ckpt is None:
                 raise TrainingError(
-                    f"{tcfg.checkpoint_dir}: no checkpoint to resume from (run without --resume to start fresh)"
+                    f"{train_cfg.checkpoint_dir}: no checkpoint to resume from (run without --resume to start fresh)"
                 )
             self.load_checkpoint(ckpt)
         self._init_metric_files(resume)
@@ -798,13 +649,13 @@ class GRPOTrainer:
         first_reward = None
         last_saved = self.step if resume else -1
         metrics: dict = {}
-        bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="grpo", disable=not self.is_main, dynamic_ncols=True)
+        bar = tqdm(total=train_cfg.max_steps, initial=self.step, desc="grpo", disable=not self.is_main, dynamic_ncols=True)
         try:
-            while self.step < tcfg.max_steps and not self.should_stop:
+            while self.step < train_cfg.max_steps and not self.should_stop:
                 metrics = self.train_step()
                 step = self.step
                 first_reward = metrics["reward_mean"] if first_reward is None else first_reward
-                if step % tcfg.eval_interval == 0 and self.eval_examples:
+                if step % train_cfg.eval_interval == 0 and self.eval_examples:
                     eval_metrics, samples = self.evaluate(step) if self.is_main else ({}, [])
                     self.accelerator.wait_for_everyone()
                     metrics.update(eval_metrics)
@@ -813,7 +664,7 @@ class GRPOTrainer:
                 if self.is_main:
                     self._rows.append(metrics)
                     self._write_csv()
-                    self._log_rollout(step, self._last_batch)
+                    self._log_rollout(step, self.last_rollout)
                 self._callback("on_step_end", step, metrics)
                 if self.world > 1:  # callbacks run on the main process only: every process must stop together
                     flag = torch.tensor([float(self.should_stop)], device=self.device)
@@ -827,8 +678,8 @@ class GRPOTrainer:
                         f"({self.nonfinite_skips} skipped updates in all); checkpoint saved to {path}; "
                         "lower train.learning_rate or check the rewards"
                     )
-                self._check_failures(self._last_batch, step)
-                if step % tcfg.save_interval == 0 or step == tcfg.max_steps or self.should_stop:
+                self._check_failures(self.last_rollout, step)
+                if step % train_cfg.save_interval == 0 or step == train_cfg.max_steps or self.should_stop:
                     self.save_checkpoint()
                     last_saved = step
         finally:
@@ -836,19 +687,19 @@ class GRPOTrainer:
         if last_saved != self.step:
             self.save_checkpoint()
         output_dir = None
-        if self.step >= tcfg.max_steps and save_final:
-            output_dir = str(self.save_adapter(tcfg.output_dir))
+        if self.step >= train_cfg.max_steps and save_final:
+            output_dir = str(self.save_adapter(train_cfg.output_dir))
         summary = {
             "steps": self.step,
             "steps_this_run": self.step - start_step,
-            "stopped_early": self.step < tcfg.max_steps,
+            "stopped_early": self.step < train_cfg.max_steps,
             "seconds": time.perf_counter() - t_start,
             "seconds_per_step": (time.perf_counter() - t_start) / max(1, self.step - start_step),
             "first_reward_mean": first_reward,
             "final_metrics": metrics,
             "last_eval": self.last_eval,
             "nonfinite_skips": self.nonfinite_skips,
-            "checkpoint": str(latest_checkpoint(tcfg.checkpoint_dir)),
+            "checkpoint": str(latest_checkpoint(train_cfg.checkpoint_dir)),
             "peak_rss_mb": _peak_rss_mb(),
             "num_processes": self.world,
             "output_dir": output_dir,
@@ -871,120 +722,36 @@ class GRPOTrainer:
 # -------------------------------------------------------------------------------------------- entry points
 
 
-def _tracking_callbacks(cfg: Any, callbacks: Sequence[Any]) -> list[Any]:
-    """The MLflow callback when tracking is enabled and none was passed (fingrpo.tracking imports mlflow
-    lazily; the trainer never does)."""
-    out = list(callbacks)
-    if not cfg.tracking.enabled or any(type(cb).__name__ == "MLflowCallback" for cb in out):
-        return out
-    try:
-        from fingrpo.tracking import MLflowCallback
-    except ImportError as e:
-        raise TrainingError(
-            f"tracking.enabled is true but fingrpo.tracking cannot be imported ({e}); set tracking.enabled=false"
-        ) from None
-    return out + [MLflowCallback(cfg)]
+def train_from_config(cfg: "Config", resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
+    """config -> data -> model -> LoRA -> rewards -> trainer -> train -> save ``train.output_dir`` -> summary.
 
-
-def train_from_config(cfg: Any, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
-    """config → data → model → LoRA → rewards → trainer → train → save ``train.output_dir`` → summary.
+    ``callbacks`` are the trainer's only listeners: :func:`fingrpo.pipeline.train_stage` passes the MLflow
+    callback when tracking is enabled (this module never imports tracking).
 
     >>> summary = train_from_config(load_config("params.yaml", ["train.max_steps=2"]))   # doctest: +SKIP
     """
-    import torch
     from transformers import set_seed
 
-    from fingrpo.data.finqa import load_split, make_examples
-    from fingrpo.data.sources import training_pool
-    from fingrpo.model import add_lora, load_adapter, load_model_and_tokenizer
-    from fingrpo.rewards import build_rewards
-
-    tcfg = cfg.train
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
+    train_cfg = cfg.train
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
 
     # model (before the data: prompts are cut to a token budget with the tokenizer)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
 
-    # data: the first `few_shot` records of the first source are the worked examples, the mixed rest is trained on
-    few, train_records = training_pool(cfg)
+    # data: the worked examples (few_shot_records) and the mixed training pool
+    few = few_shot_records(cfg)
+    _, train_records = training_pool(cfg)
     train_examples = make_examples(train_records, cfg.prompt, tokenizer=tokenizer, few_shot_records=few)
-    dev_records = load_split(cfg.data.dev_path)[: tcfg.eval_subset_size]
+    dev_records = load_split(cfg.data.dev_path)[: train_cfg.eval_subset_size]
     eval_examples = make_examples(dev_records, cfg.prompt, tokenizer=tokenizer, few_shot_records=few)
 
     # LoRA (seeded: the adapter's initial weights are part of the run)
-    set_seed(tcfg.seed)
-    if tcfg.init_adapter:  # the warm start (fingrpo sft): its LoRA weights train on
-        policy = load_adapter(model, tcfg.init_adapter, is_trainable=True)
+    set_seed(train_cfg.seed)
+    if train_cfg.init_adapter:  # the warm start (fingrpo sft): its LoRA weights train on
+        policy = load_adapter(model, train_cfg.init_adapter, is_trainable=True)
     else:
         policy = add_lora(model, cfg.lora)
     rewards = build_rewards(cfg.rewards)
-    trainer = GRPOTrainer(
-        policy, tokenizer, rewards, train_examples, eval_examples, cfg,
-        callbacks=_tracking_callbacks(cfg, callbacks),
-    )
+    trainer = GRPOTrainer(policy, tokenizer, rewards, train_examples, eval_examples, cfg, callbacks=callbacks)
     return trainer.train(resume=resume)
-
-
-class GRPOJSONTrainer:
-    """The seed's entry point, mapped onto the typed config and :func:`train_from_config`.
-
-    >>> t = GRPOJSONTrainer(model_str="bundled:SmolLM2-135M-Instruct", train_path="data/finqa/train.json",
-    ...                     dev_path="data/finqa/dev.json", test_path="data/finqa/test.json")   # doctest: +SKIP
-    >>> summary = t.train(num_epochs=1, batch_size=4, learning_rate=1e-4, eval_interval=10, save_interval=5)
-
-    ``num_epochs`` becomes ``train.max_steps = ceil(num_epochs * train records / batch_size)``;
-    ``batch_size`` is ``train.prompts_per_step``. Other settings come from ``params`` (a params.yaml,
-    default none: built-in defaults) and ``overrides`` (``["train.group_size=4", ...]`` or a nested dict).
-    """
-
-    def __init__(
-        self,
-        model_str: str | None = None,
-        train_path: str = "data/finqa/train.json",
-        dev_path: str = "data/finqa/dev.json",
-        test_path: str | None = "data/finqa/test.json",
-        params: str | None = None,
-        overrides: list[str] | dict | None = None,
-        callbacks: Sequence[Any] = (),
-    ) -> None:
-        from fingrpo.config import load_config
-
-        self.cfg = load_config(params, overrides)
-        tree = self.cfg.model_dump(mode="json")
-        if model_str is not None:
-            tree["model"]["name_or_path"] = model_str
-        tree["data"].update(train_path=str(train_path), dev_path=str(dev_path))
-        if test_path is not None:
-            tree["data"]["test_path"] = str(test_path)
-        self._tree = tree
-        self.callbacks = list(callbacks)
-        self.summary: dict | None = None
-
-    def train(
-        self,
-        num_epochs: float = 1,
-        batch_size: int = 4,
-        learning_rate: float = 2e-4,
-        eval_interval: int = 10,
-        save_interval: int = 5,
-        resume: bool = False,
-    ) -> dict:
-        from fingrpo.config import config_from_dict
-        from fingrpo.data.finqa import load_split
-
-        tree = json.loads(json.dumps(self._tree))
-        n_records = len(load_split(tree["data"]["train_path"])) - tree["prompt"]["few_shot"]
-        if tree["train"].get("max_train_records"):
-            n_records = min(n_records, tree["train"]["max_train_records"])
-        if n_records < 1:
-            raise TrainingError(f"{tree['data']['train_path']}: no records left after the few-shot examples")
-        max_steps = max(1, math.ceil(num_epochs * n_records / batch_size))
-        tree["train"].update(
-            max_steps=max_steps, prompts_per_step=batch_size, learning_rate=learning_rate,
-            eval_interval=eval_interval, save_interval=save_interval,
-            warmup_steps=min(tree["train"]["warmup_steps"], max(0, max_steps - 1)),
-        )
-        self.cfg = config_from_dict(tree, "GRPOJSONTrainer")
-        self.summary = train_from_config(self.cfg, resume=resume, callbacks=self.callbacks)
-        return self.summary
