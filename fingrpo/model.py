@@ -158,7 +158,7 @@ def load_model_and_tokenizer(model_cfg: Any) -> tuple[Any, Any]:
     token follows its own last prompt token.
 
     >>> model, tok = load_model_and_tokenizer(ModelConfig(name_or_path="/tmp/tiny"))   # doctest: +SKIP
-    >>> tok.pad_token == tok.eos_token, tok.padding_side
+    >>> tok.pad_token == tok.eos_token, tok.padding_side   # doctest: +SKIP
     (True, 'left')
     """
     import torch
@@ -186,7 +186,7 @@ def add_lora(model: Any, lora_cfg: Any) -> Any:
     """Wrap ``model`` with a fresh LoRA adapter (peft, task CAUSAL_LM); only the LoRA weights train.
 
     >>> policy = add_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))   # doctest: +SKIP
-    >>> policy.print_trainable_parameters()
+    >>> policy.print_trainable_parameters()   # doctest: +SKIP
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model

@@ -23,9 +23,9 @@ from fingrpo.errors import ConfigError, TrainingError
 class FinancialJSONDataLoader:
     """Load a FinQA split and build its prompts and targets (the seed's data loader, kept by name).
 
-    >>> loader = FinancialJSONDataLoader("data/finqa/dev.json", tokenizer=tok, context_mode="gold",
+    >>> loader = FinancialJSONDataLoader("data/finqa/dev.json", tokenizer=tok, context_mode="gold",   # doctest: +SKIP
     ...                                  few_shot_records=load_split("data/finqa/train.json"))
-    >>> len(loader), loader.prompts[0][:20], loader.targets[0]
+    >>> len(loader), loader.prompts[0][:20], loader.targets[0]   # doctest: +SKIP
     (457, '<|im_start|>system\\nYou', 'Program: ...\\nAnswer: ...')
 
     Prompt options come from ``prompt_cfg`` (a :class:`fingrpo.config.PromptConfig`) and/or keyword
@@ -81,9 +81,9 @@ class GRPOJSONTrainer:
     """The seed's entry point, mapped onto the typed config and :func:`fingrpo.pipeline.train_stage` (which
     attaches the MLflow callback when ``tracking.enabled``).
 
-    >>> t = GRPOJSONTrainer(model_str="bundled:SmolLM2-135M-Instruct", train_path="data/finqa/train.json",
+    >>> t = GRPOJSONTrainer(model_str="bundled:SmolLM2-135M-Instruct", train_path="data/finqa/train.json",   # doctest: +SKIP
     ...                     dev_path="data/finqa/dev.json", test_path="data/finqa/test.json")   # doctest: +SKIP
-    >>> summary = t.train(num_epochs=1, batch_size=4, learning_rate=1e-4, eval_interval=10, save_interval=5)
+    >>> summary = t.train(num_epochs=1, batch_size=4, learning_rate=1e-4, eval_interval=10, save_interval=5)   # doctest: +SKIP
 
     ``num_epochs`` becomes ``train.max_steps = ceil(num_epochs * train records / batch_size)``;
     ``batch_size`` is ``train.prompts_per_step``. Other settings come from ``params`` (a params.yaml,

@@ -40,7 +40,7 @@ def sft_sequences(examples: Sequence[Any], tokenizer: Any, use_chat_template: bo
     """``(input_ids, n_prompt)`` per example: the rendered prompt, then the gold reply and the eos token.
 
     >>> ids, n_prompt = sft_sequences(train_examples, tok)[0]   # doctest: +SKIP
-    >>> tok.decode(ids[n_prompt:])
+    >>> tok.decode(ids[n_prompt:])   # doctest: +SKIP
     'Program: divide(637, const_5)\\nAnswer: 127.4<|im_end|>'
     """
     out = []

@@ -191,7 +191,6 @@ def _flatten(raw: dict | Any, index: int) -> tuple[dict, dict[str, str]]:
 def _tatqa_reproduces(tatqa: Any, program: str | None, table: Any) -> tuple[bool, str]:
     """Whether a converted record's program, executed (unrounded), gives its TAT-QA answer under the
     official TAT-QA rule, read with the percent convention of :mod:`fingrpo.data.tatqa`."""
-    from fingrpo import dsl
     needed = ("answer", "answer_type", "scale")
     if not isinstance(tatqa, dict) or any(k not in tatqa for k in needed):
         return False, f"tatqa: expected an object with {', '.join(needed)}"

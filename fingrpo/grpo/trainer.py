@@ -124,8 +124,8 @@ class GRPOTrainer:
     with no target); ``config``: the whole :class:`fingrpo.config.Config`.
 
     >>> trainer = GRPOTrainer(policy, tok, build_rewards(cfg.rewards), train_ex, dev_ex, cfg)   # doctest: +SKIP
-    >>> summary = trainer.train()
-    >>> summary["steps"], summary["final_metrics"]["reward_mean"]
+    >>> summary = trainer.train()   # doctest: +SKIP
+    >>> summary["steps"], summary["final_metrics"]["reward_mean"]   # doctest: +SKIP
     """
 
     def __init__(
