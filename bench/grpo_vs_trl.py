@@ -10,7 +10,7 @@ The same work on both sides: the bundled SmolLM2-135M-Instruct (fp32; CUDA when 
 LoRA r=8 / alpha=16 on ``q_proj``,``v_proj`` (dropout 0), G=8 completions for each of 4 prompts per step,
 64 new tokens at temperature 1.0, beta=0.04, one policy update per rollout (mu=1), and the SAME prompt
 texts: ``fingrpo.data.finqa.make_examples`` + ``render_prompt`` (chat template applied) over the first
-train records, rewarded by the same ``fingrpo.rewards.score_completions``. Every step of a run uses the
+train records, rewarded by the same ``fingrpo.rewards.reward_completions``. Every step of a run uses the
 same prompts (the prompt set is one batch), so both systems do the same prefill work every step.
 TRL keeps its own defaults for everything not listed (gradient checkpointing on, its loss type,
 learning rate ...); it gets ``use_vllm=False``, ``bf16=False``, ``report_to=[]``, ``save_strategy="no"``
@@ -530,7 +530,7 @@ def run_trl_worker(spec: BenchSpec, mode: str) -> dict:
 
     from fingrpo.data.finqa import render_prompt
     from fingrpo.model import load_model_and_tokenizer
-    from fingrpo.rewards import build_rewards, score_completions
+    from fingrpo.rewards import build_rewards, reward_completions
 
     t_load = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as workdir:
@@ -546,7 +546,7 @@ def run_trl_worker(spec: BenchSpec, mode: str) -> dict:
 
         def finqa_reward(prompts: list[str], completions: list[str], example_index: list[int], **_: Any) -> list[float]:
             targets = [examples[i] for i in example_index]
-            return score_completions(rewards, prompts, completions, targets, cfg.rewards.nan_value).total
+            return reward_completions(rewards, prompts, completions, targets, cfg.rewards.nan_value).total
 
         n = spec.prompts * spec.group_size
         args = trl.GRPOConfig(

@@ -19,7 +19,7 @@ from fingrpo.data.sources import dataset_of, eval_records, eval_sets, few_shot_r
 from fingrpo.io import write_json_atomic, write_jsonl_atomic
 from fingrpo.model import generate_completions, load_adapter, load_model_and_tokenizer
 from fingrpo.official import tatqa_em_f1
-from fingrpo.rewards import build_rewards, score_completions
+from fingrpo.rewards import build_rewards, reward_completions
 from fingrpo.scoring import mean_or_zero, score_prediction, tatqa_gold, tatqa_prediction_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,13 +64,14 @@ def _metrics(rows: list[dict], samples: int, seed: int) -> dict:
     return out
 
 
-def _generate_rows(model, tokenizer, examples, records, prompts, rewards, cfg, model_name) -> tuple[list[dict], dict]:
+def _generate_rows(model: Any, tokenizer: Any, examples: list, records: list, prompts: list[str], rewards: list,
+                   cfg: "Config", model_name: str) -> tuple[list[dict], dict]:
     """Greedy completions of one model for ``records``, each scored (FinQA rules, TAT-QA's for converted
     records) and rewarded: one row per record (what predictions.jsonl holds)."""
 
     ecfg = cfg.evaluate
     completions = generate_completions(model, tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size)
-    reward = score_completions(rewards, prompts, completions, examples, cfg.rewards.nan_value)
+    reward = reward_completions(rewards, prompts, completions, examples, cfg.rewards.nan_value)
     rows = []
     for i, (rec, completion) in enumerate(zip(records, completions)):
         s = score_prediction({"id": rec.id, "completion": completion}, rec, ecfg.rel_tolerance)

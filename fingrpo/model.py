@@ -30,9 +30,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fingrpo.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fingrpo.config import LoraConfig, ModelConfig
 
 BUNDLED_PREFIX = "bundled:"
 # bundled name -> (python package that ships the file, file name inside that package)
@@ -111,7 +114,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             raise ModelError(f"{gguf}: converting the GGUF to a Hugging Face folder failed: {e}") from e
 
 
-def resolve_model_path(model_cfg: Any) -> str:
+def resolve_model_path(model_cfg: "ModelConfig") -> str:
     """Turn ``model.name_or_path`` into something ``from_pretrained`` loads (a folder or a cached hub id).
 
     >>> from fingrpo.config import ModelConfig
@@ -150,7 +153,7 @@ def resolve_model_path(model_cfg: Any) -> str:
         raise ModelError(f"model.name_or_path={name}: cannot fetch from the hub: {e}") from None
 
 
-def load_model_and_tokenizer(model_cfg: Any) -> tuple[Any, Any]:
+def load_model_and_tokenizer(model_cfg: "ModelConfig") -> tuple[Any, Any]:
     """Load the causal LM (dtype from ``model.dtype``) and its tokenizer.
 
     The tokenizer gets pad = eos when it has no pad token (SmolLM2 has none) and ``padding_side="left"``:
@@ -182,7 +185,7 @@ def load_model_and_tokenizer(model_cfg: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def add_lora(model: Any, lora_cfg: Any) -> Any:
+def add_lora(model: Any, lora_cfg: "LoraConfig") -> Any:
     """Wrap ``model`` with a fresh LoRA adapter (peft, task CAUSAL_LM); only the LoRA weights train.
 
     >>> policy = add_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))   # doctest: +SKIP

@@ -31,10 +31,13 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from fingrpo.errors import DataError
 from fingrpo.io import atomic_path, read_json, read_jsonl
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fingrpo.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +512,7 @@ def _placeholder(path: Path, title: str, note: str) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def plot_from_config(cfg, output_dir: str | os.PathLike | None = None) -> list[Path]:
+def plot_from_config(cfg: "Config", output_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write every plot of :data:`PLOT_FILES` into ``output_dir`` (default ``reports/plots``).
 
     Returns the paths written, in :data:`PLOT_FILES` order. Plots whose data is absent become

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from fingrpo.errors import DataError
 from fingrpo.io import write_text_atomic
+from fingrpo.rewards import REWARD_REGISTRY
 
 
 def _pct(value: Any, ci: Sequence[Any] | None = None) -> str:
@@ -106,9 +107,13 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+# the reward terms drawn: every registered reward, in the registry's order, except the stated answer's
+# correctness (0 throughout for a 135M model, which cannot do the arithmetic: the program is executed instead)
+LEARNING_CURVE_TERMS = tuple(name for name in REWARD_REGISTRY if name != "correctness")
+
+
 def plot_learning_curves(runs: dict[str, dict], path: str | os.PathLike,
-                         terms: Sequence[str] = ("program_execution", "format", "numbers_from_context",
-                                                 "operation", "financial_qa", "random")) -> Path | None:
+                         terms: Sequence[str] = LEARNING_CURVE_TERMS) -> Path | None:
     """One panel per reward term (its per-step mean during GRPO; rolling mean over 5 steps), one line per
     run that has ``train_metrics.csv``; the last panel is the warm start's loss. None when no run trained."""
     import pandas as pd

@@ -8,7 +8,7 @@ rewards and their weights (``params.yaml``)::
       weights: {correctness: 1.0, program_execution: 0.5, format: 0.2}
 
 and :func:`build_rewards` resolves those names through the one explicit map :data:`REWARD_REGISTRY`.
-:func:`score_completions` runs them over a rollout batch; a reward that raises or returns NaN/inf for a
+:func:`reward_completions` runs them over a rollout batch; a reward that raises or returns NaN/inf for a
 completion gets ``nan_value`` there and the failure is counted, never propagated.
 
 ``target`` may be a :class:`fingrpo.data.finqa.PromptExample`, a FinQA record, a dict with
@@ -34,17 +34,20 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from fingrpo.answers import GARBAGE_ERRORS, execute_completion, normalize_answer, parse_completion
 from fingrpo.dsl import parse
 from fingrpo.errors import ConfigError, DataError
 from fingrpo.scoring import tolerant_match
 
+if TYPE_CHECKING:  # pragma: no cover
+    from fingrpo.config import RewardsConfig
+
 log = logging.getLogger(__name__)
 
 # Errors a parser or interpreter may raise on garbage text (fingrpo.answers.GARBAGE_ERRORS). A reward turns
-# them into "no credit"; anything else (a real bug) propagates to score_completions, which counts it as a failure.
+# them into "no credit"; anything else (a real bug) propagates to reward_completions, which counts it as a failure.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,7 +274,7 @@ class RewardFunction:
         return [self(p, c, t) for p, c, t in zip(prompts, completions, targets, strict=True)]
 
     @classmethod
-    def from_config(cls, rewards_cfg: Any) -> "RewardFunction":
+    def from_config(cls, rewards_cfg: "RewardsConfig | Mapping[str, Any]") -> "RewardFunction":
         """Build from the ``rewards`` config section (default: no arguments)."""
         return cls()
 
@@ -438,7 +441,7 @@ class _VerifiableReward(RewardFunction):
         self.rel_tol = rel_tol
 
     @classmethod
-    def from_config(cls, rewards_cfg: Any) -> "RewardFunction":
+    def from_config(cls, rewards_cfg: "RewardsConfig | Mapping[str, Any]") -> "RewardFunction":
         return cls(rel_tol=_cfg_get(rewards_cfg, "rel_tolerance", 1e-3))
 
     def __repr__(self) -> str:
@@ -493,7 +496,7 @@ class ProgramExecutionReward(_VerifiableReward):
         self.partial_credit = partial_credit
 
     @classmethod
-    def from_config(cls, rewards_cfg: Any) -> "RewardFunction":
+    def from_config(cls, rewards_cfg: "RewardsConfig | Mapping[str, Any]") -> "RewardFunction":
         return cls(
             rel_tol=_cfg_get(rewards_cfg, "rel_tolerance", 1e-3),
             partial_credit=_cfg_get(rewards_cfg, "program_partial_credit", 0.1),
@@ -628,7 +631,7 @@ class RandomReward(RewardFunction):
         self._rng = random.Random(seed)
 
     @classmethod
-    def from_config(cls, rewards_cfg: Any) -> "RewardFunction":
+    def from_config(cls, rewards_cfg: "RewardsConfig | Mapping[str, Any]") -> "RewardFunction":
         return cls(seed=_cfg_get(rewards_cfg, "random_seed", 0))
 
     def __call__(self, prompt: str, completion: str, target: Any = None) -> float:
@@ -675,7 +678,7 @@ class WeightedReward:
 class CombinedReward(RewardFunction):
     """A weighted sum of rewards behind the seed API (one float per completion).
 
-    Failures are not caught here; :func:`score_completions` is the batch path that isolates them.
+    Failures are not caught here; :func:`reward_completions` is the batch path that isolates them.
 
     >>> r = CombinedReward([WeightedReward("format", 0.2, FormatReward()), WeightedReward("correctness", 1.0, AnswerCorrectnessReward())])
     >>> r("q", "Program: add(1, 2)\\nAnswer: 3", {"exe_ans": 3.0})
@@ -702,7 +705,7 @@ def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
     return getattr(cfg, key, default)
 
 
-def build_rewards(rewards_cfg: Any) -> list[WeightedReward]:
+def build_rewards(rewards_cfg: "RewardsConfig | Mapping[str, Any]") -> list[WeightedReward]:
     """``rewards`` config section (or a dict like it) -> configured rewards, in the config's order.
 
     A weight of 0 keeps the reward (it is computed and logged, e.g. to watch correctness while training
@@ -771,7 +774,7 @@ def _call_one(fn: Callable, prompt, completion, target) -> float | None:
     return fn(prompt, completion, target)
 
 
-def score_completions(
+def reward_completions(
     rewards: Iterable[WeightedReward | RewardFunction],
     prompts: Sequence[str],
     completions: Sequence[str],
@@ -785,7 +788,7 @@ def score_completions(
     raised, is not a number, or is NaN/inf becomes ``nan_value`` and counts as a failure; ``None``
     (abstain) becomes ``nan_value`` without counting.
 
-    >>> res = score_completions(build_rewards({"weights": {"format": 0.5}}), ["q"], ["Program: add(1, 2)\\nAnswer: 3"])
+    >>> res = reward_completions(build_rewards({"weights": {"format": 0.5}}), ["q"], ["Program: add(1, 2)\\nAnswer: 3"])
     >>> res.total, res.per_function, res.failures
     ([0.5], {'format': [1.0]}, {'format': 0})
     """
@@ -793,7 +796,7 @@ def score_completions(
     n = len(completions)
     targets = [None] * n if targets is None else list(targets)
     if len(prompts) != n or len(targets) != n:
-        raise ValueError(f"score_completions: {len(prompts)} prompts, {n} completions, {len(targets)} targets")
+        raise ValueError(f"reward_completions: {len(prompts)} prompts, {n} completions, {len(targets)} targets")
     total = [0.0] * n
     per_function: dict[str, list[float]] = {}
     failures: dict[str, int] = {}

@@ -25,7 +25,7 @@ from fingrpo.rewards import (
     WeightedReward,
     build_rewards,
     numbers_in_text,
-    score_completions,
+    reward_completions,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,7 +306,7 @@ class _Flaky(RewardFunction):
 
 def test_score_completions_weights_and_per_function_values():
     rewards = build_rewards({"weights": {"correctness": 1.0, "program_execution": 0.5, "format": 0.2}})
-    res = score_completions(rewards, [PROMPT] * 3, [CORRECT, WRONG, "no idea"], [GOLD] * 3)
+    res = reward_completions(rewards, [PROMPT] * 3, [CORRECT, WRONG, "no idea"], [GOLD] * 3)
     assert res.per_function == {"correctness": [1.0, 0.0, 0.0], "program_execution": [1.0, 0.1, 0.0],
                                 "format": [1.0, 1.0, 0.0]}
     assert res.total == pytest.approx([1.7, 0.25, 0.0])
@@ -317,7 +317,7 @@ def test_score_completions_weights_and_per_function_values():
 def test_score_completions_substitutes_and_counts_failures():
     rewards = [WeightedReward("flaky", 2.0, _Flaky()), WeightedReward("format", 1.0, FormatReward())]
     completions = ["ok", "boom", "nan", "inf", "skip", CORRECT]
-    res = score_completions(rewards, ["q"] * 6, completions, None, nan_value=-0.5)
+    res = reward_completions(rewards, ["q"] * 6, completions, None, nan_value=-0.5)
     assert res.per_function["flaky"] == [1.0, -0.5, -0.5, -0.5, -0.5, 1.0]
     assert res.failures == {"flaky": 3, "format": 0}  # abstaining (None) is not a failure
     assert "kaboom" in res.errors["flaky"]
@@ -334,17 +334,17 @@ def test_score_completions_survives_a_failing_batch_method():
             raise MemoryError("batch too big")
 
     for cls in (BadBatch, Explodes):
-        res = score_completions([cls()], ["q", "q"], [CORRECT, "nothing"])
+        res = reward_completions([cls()], ["q", "q"], [CORRECT, "nothing"])
         assert res.per_function["format"] == [1.0, 0.0] and res.failures == {"format": 0}
 
 
 def test_score_completions_accepts_plain_reward_functions_and_checks_lengths():
-    res = score_completions([FormatReward(), OperationReward()], ["q"], [CORRECT], [GOLD])
+    res = reward_completions([FormatReward(), OperationReward()], ["q"], [CORRECT], [GOLD])
     assert res.total == [2.0] and set(res.per_function) == {"format", "operation"}
     with pytest.raises(ValueError, match="2 prompts, 1 completions"):
-        score_completions([FormatReward()], ["q", "q"], [CORRECT])
+        reward_completions([FormatReward()], ["q", "q"], [CORRECT])
     with pytest.raises(ConfigError, match="duplicate"):
-        score_completions([FormatReward(), FormatReward()], ["q"], [CORRECT])
+        reward_completions([FormatReward(), FormatReward()], ["q"], [CORRECT])
 
 
 def test_combined_reward_and_default_batch():
@@ -394,11 +394,11 @@ def test_real_prompt_examples_as_targets(data_dir):
     examples = make_examples(records, cfg.prompt, few_shot_records=records)
     prompts = [render_prompt(e, None, use_chat_template=False) for e in examples]
     rewards = build_rewards({"weights": {n: 1.0 for n in REWARD_REGISTRY if n not in ("random", "financial_qa")}})
-    gold = score_completions(rewards, prompts, [e.target for e in examples], examples)
+    gold = reward_completions(rewards, prompts, [e.target for e in examples], examples)
     assert gold.means() == {"correctness": 1.0, "program_execution": 1.0, "format": 1.0,
                             "numbers_from_context": 1.0, "operation": 1.0}
     assert all(v == 0 for v in gold.failures.values())
     # a well-formed but wrong answer keeps only the format credit and its shaped partial credits
-    wrong = score_completions(rewards, prompts, ["Program: add(1, 2)\nAnswer: 3"] * len(prompts), examples)
+    wrong = reward_completions(rewards, prompts, ["Program: add(1, 2)\nAnswer: 3"] * len(prompts), examples)
     assert wrong.means()["correctness"] == 0.0 and wrong.means()["format"] == 1.0
     assert max(wrong.per_function["program_execution"]) == 0.1

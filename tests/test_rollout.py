@@ -120,29 +120,29 @@ def test_gradient_flows_through_the_shared_prefix(lora_model):
     # the same computation with the prompt's keys/values detached: only the completion positions' grads
     from fingrpo.grpo import rollout as R
 
-    original = R._score_rows
+    original = R._rows_logprobs
 
     def detached(model, cache, prefix, *args):
         return original(model, cache, [(k.detach(), v.detach()) for k, v in prefix], *args)
 
     model.zero_grad(set_to_none=True)
-    R._score_rows = detached
+    R._rows_logprobs = detached
     try:
         completion_logprobs(model, prompts, ids, mask, G).sum().backward()
     finally:
-        R._score_rows = original
+        R._rows_logprobs = original
     cut = _lora_grads(model)
     assert max(_rel(cut[n], full[n]) for n in full) > 1e-2
 
 
-# ------------------------------------------------------------------- GroupScorer: chunked backward, same grads
+# ------------------------------------------------------------------- GroupLogprobs: chunked backward, same grads
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3])
 def test_group_scorer_chunks_give_the_gradients_of_one_backward(lora_model, chunk):
     """Rows back-propagated ``chunk`` at a time against one prompt forward, then the prompt's share:
     the same log-probs and LoRA gradients as one backward over the whole group (the prefix term included)."""
-    from fingrpo.grpo.rollout import GroupScorer
+    from fingrpo.grpo.rollout import GroupLogprobs
 
     model = lora_model
     prompts = _prompts((11, 17))
@@ -161,7 +161,7 @@ def test_group_scorer_chunks_give_the_gradients_of_one_backward(lora_model, chun
     model.zero_grad(set_to_none=True)
     rows_out, losses = [], []
     for p, prompt in enumerate(prompts):
-        with GroupScorer(model, prompt) as scorer:
+        with GroupLogprobs(model, prompt) as scorer:
             for start in range(0, G, chunk):
                 rows = slice(p * G + start, p * G + min(start + chunk, G))
                 logp = scorer.logprobs(ids[rows], mask[rows])
@@ -181,7 +181,7 @@ def test_group_scorer_chunks_give_the_gradients_of_one_backward(lora_model, chun
 
 def test_group_scorer_without_the_prompt_share_gets_different_gradients(lora_model):
     """Skipping ``backward_prompt`` drops the prefix's gradient: the step that makes chunking exact is real."""
-    from fingrpo.grpo.rollout import GroupScorer
+    from fingrpo.grpo.rollout import GroupLogprobs
 
     model = lora_model
     (prompt,) = _prompts((13,))
@@ -192,14 +192,14 @@ def test_group_scorer_without_the_prompt_share_gets_different_gradients(lora_mod
     full = _lora_grads(model)
 
     model.zero_grad(set_to_none=True)
-    with GroupScorer(model, prompt) as scorer:
+    with GroupLogprobs(model, prompt) as scorer:
         scorer.logprobs(ids, mask).sum().backward()  # no backward_prompt()
     partial = _lora_grads(model)
     assert max(_rel(partial[n], full[n]) for n in full) > 1e-2
 
 
 def test_group_scorer_without_gradients_scores_and_restores_attention(lora_model):
-    from fingrpo.grpo.rollout import GroupScorer
+    from fingrpo.grpo.rollout import GroupLogprobs
 
     model = lora_model
     config = model.get_base_model().config
@@ -208,7 +208,7 @@ def test_group_scorer_without_gradients_scores_and_restores_attention(lora_model
     ids, mask = _random_completions(G, t=4, seed=9)
     with torch.no_grad():
         expected = completion_logprobs(model, [prompt], ids, mask, G)
-        with GroupScorer(model, prompt) as scorer:
+        with GroupLogprobs(model, prompt) as scorer:
             assert config._attn_implementation != before  # the packed-GQA impl while scoring
             got = torch.cat([scorer.logprobs(ids[:2], mask[:2]), scorer.logprobs(ids[2:], mask[2:])])
             scorer.backward_prompt()  # nothing to do without gradients
@@ -219,13 +219,13 @@ def test_group_scorer_without_gradients_scores_and_restores_attention(lora_model
 
 
 def test_group_scorer_rejects_rows_that_do_not_match(lora_model):
-    from fingrpo.grpo.rollout import GroupScorer
+    from fingrpo.grpo.rollout import GroupLogprobs
 
     (prompt,) = _prompts((8,))
     ids, mask = _random_completions(2, t=4)
-    with GroupScorer(lora_model, prompt) as scorer, pytest.raises(ValueError):
+    with GroupLogprobs(lora_model, prompt) as scorer, pytest.raises(ValueError):
         scorer.logprobs(ids, mask[:, :3])
-    with GroupScorer(lora_model, prompt) as scorer:
+    with GroupLogprobs(lora_model, prompt) as scorer:
         scorer.logprobs(ids, mask).sum().backward()
         scorer.backward_prompt()
         with pytest.raises(RuntimeError, match="spent"):  # the cache is no longer the prompt's alone

@@ -230,13 +230,13 @@ def test_payload_gold_program_is_a_data_error(data_dir, tmp_path, sentinel):
 
 def test_payload_completions_are_scored_not_run(sentinel):
     from fingrpo.answers import parse_completion
-    from fingrpo.rewards import REWARD_REGISTRY, build_rewards, score_completions
+    from fingrpo.rewards import REWARD_REGISTRY, build_rewards, reward_completions
 
     completions = [f"Program: {p}\nAnswer: {p}" for p in payloads(sentinel)] + [f"{p}" for p in payloads(sentinel)]
     target = {"exe_ans": 94.0, "table": [["", "2019"], ["x", "1"]], "target": "Program: subtract(5829, 5735)\nAnswer: 94"}
     names = [n for n in REWARD_REGISTRY if n != "random"]
     rewards = build_rewards({"weights": {n: 1.0 for n in names}})
-    res = score_completions(rewards, ["q"] * len(completions), completions, [target] * len(completions), nan_value=0.0)
+    res = reward_completions(rewards, ["q"] * len(completions), completions, [target] * len(completions), nan_value=0.0)
     assert len(res.total) == len(completions)
     assert all(v == v and abs(v) < 1e9 for v in res.total)
     for c in completions:

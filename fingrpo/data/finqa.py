@@ -447,7 +447,7 @@ def _all_units(rec: FinQARecord, table_format: str) -> list[_Unit]:
     return units
 
 
-def _score(units: list[_Unit], question: str) -> None:
+def _rank_by_overlap(units: list[_Unit], question: str) -> None:
     """IDF-weighted count of question words shared with each unit (IDF over this record's units)."""
     q = _terms(question)
     term_sets = [_terms(u.text) for u in units]
@@ -464,13 +464,13 @@ def _context_units(rec: FinQARecord, cfg: "PromptConfig") -> list[_Unit]:
     mode = cfg.context_mode
     if mode == "gold":
         units = [_Unit(k, v, _doc_order(rec, k), True) for k, v in rec.qa.gold_inds.items()]
-        _score(units, rec.question)
+        _rank_by_overlap(units, rec.question)
     elif mode == "full":
         units = _all_units(rec, getattr(cfg, "table_format", "linearized"))
-        _score(units, rec.question)
+        _rank_by_overlap(units, rec.question)
     elif mode == "retrieved":
         units = _all_units(rec, "linearized")
-        _score(units, rec.question)
+        _rank_by_overlap(units, rec.question)
         # best first; ties keep document order (sorted is stable)
         units = sorted(units, key=lambda u: -u.score)[: cfg.retrieved_top_k]
     else:  # pragma: no cover - PromptConfig's Literal already rejects it
@@ -486,7 +486,7 @@ def retrieve(rec: FinQARecord) -> list[str]:
     ['table_3', 'text_12', 'table_1']
     """
     units = _all_units(rec, "linearized")
-    _score(units, rec.question)
+    _rank_by_overlap(units, rec.question)
     return [u.key for u in sorted(units, key=lambda u: -u.score)]
 
 

@@ -6,7 +6,8 @@
     loss, stats = loss_fn(logprobs, old_logprobs, ref_logprobs, adv, completion_mask)   # (N, T) each
     loss.backward(); stats["kl"], stats["clip_fraction_low"], ...
 
-For each completion i (advantage Â_i) and token t (see ``/work/shared/DESIGN.md``, "GRPO, precisely"):
+For each completion i (advantage Â_i) and token t (where this sits in a training step: ``docs/architecture.md``,
+"One record, end to end"):
 
     ρ = exp(log π_θ − log π_old)
     ℓ = −min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â) + β·KL,     KL = exp(ref − logp) − (ref − logp) − 1

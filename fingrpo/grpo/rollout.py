@@ -471,7 +471,7 @@ def sample_groups(
 # ------------------------------------------------------------------------------------------------- scoring
 
 
-def _scoring_inputs(model, prompt_ids, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+def _logprob_inputs(model, prompt_ids, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                     group_size: int):
     """(device, prompts, completion_ids, completion_mask) on the model's device, rows checked."""
     device = _model_device(model)
@@ -487,7 +487,7 @@ def _zero_masked(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), logp, torch.zeros_like(logp))
 
 
-def _scoring_mask(prompt_length: int, fed: int, device: torch.device) -> torch.Tensor:
+def _logprob_mask(prompt_length: int, fed: int, device: torch.device) -> torch.Tensor:
     """``(1, 1, fed, prompt_length + fed)`` bool, shared by the G rows: every fed completion position sees
     the whole prompt and its own row's positions up to itself (causal)."""
     allowed = torch.ones(1, 1, fed, prompt_length + fed, dtype=torch.bool, device=device)
@@ -495,7 +495,7 @@ def _scoring_mask(prompt_length: int, fed: int, device: torch.device) -> torch.T
     return allowed
 
 
-def _score_rows(model, cache, prefix: list[tuple[torch.Tensor, torch.Tensor]], first: torch.Tensor, length: int,
+def _rows_logprobs(model, cache, prefix: list[tuple[torch.Tensor, torch.Tensor]], first: torch.Tensor, length: int,
                 comp: torch.Tensor, temperature: float, attention) -> torch.Tensor:
     """``(g, T)`` log-probs of ``g`` completion rows of one prompt, given the prompt's forward: its per-layer
     ``(1, H, L, D)`` keys/values ``prefix`` and its last logit ``first`` ``(1, V)``. ``cache`` (the prompt's
@@ -506,7 +506,7 @@ def _score_rows(model, cache, prefix: list[tuple[torch.Tensor, torch.Tensor]], f
         return logp
     expand_cache_(cache, g, prefix)
     positions = torch.arange(length, length + t - 1, device=comp.device)[None].expand(g, -1)  # (g, T-1)
-    out = model(input_ids=comp[:, :-1], attention_mask=attention.mask(_scoring_mask(length, t - 1, comp.device)),
+    out = model(input_ids=comp[:, :-1], attention_mask=attention.mask(_logprob_mask(length, t - 1, comp.device)),
                 position_ids=positions, cache=cache, use_cache=True)
     return torch.cat([logp, _token_logprobs(out.logits, comp[:, 1:], temperature)], dim=1)  # (g, T)
 
@@ -529,11 +529,11 @@ def completion_logprobs(
     logits at the position before it (token 0 from the prompt's last logit), so the last completion token
     is never fed in. Only completion positions get vocab logits. Masked positions are returned as 0.
     ``temperature`` scales the logits as in sampling (1: the plain policy). One backward of (a function
-    of) the result reaches the prompt's forward too; :class:`GroupScorer` does the same in row chunks.
+    of) the result reaches the prompt's forward too; :class:`GroupLogprobs` does the same in row chunks.
 
     Equal (up to float rounding) to :func:`naive_completion_logprobs`, values and gradients.
     """
-    device, prompts, completion_ids, completion_mask = _scoring_inputs(
+    device, prompts, completion_ids, completion_mask = _logprob_inputs(
         model, prompt_ids, completion_ids, completion_mask, group_size)
     g = group_size
     out_rows = []
@@ -541,13 +541,13 @@ def completion_logprobs(
         for p, prompt in enumerate(prompts):
             rows = slice(p * g, (p + 1) * g)
             cache, prefix, first = _prompt_forward(model, prompt)
-            logp = _score_rows(model, cache, prefix, first, prompt.numel(), completion_ids[rows], temperature,
+            logp = _rows_logprobs(model, cache, prefix, first, prompt.numel(), completion_ids[rows], temperature,
                                attention)
             out_rows.append(_zero_masked(logp, completion_mask[rows]))
     return torch.cat(out_rows)
 
 
-class GroupScorer:
+class GroupLogprobs:
     """One prompt's completions scored in row chunks against ONE forward of the prompt, for training.
 
     ``completion_logprobs`` keeps the whole group's graph (the prompt's and all G completions'
@@ -558,13 +558,13 @@ class GroupScorer:
     holds the prompt's activations plus ONE chunk's, and the gradients are exactly those of one backward
     over the whole group (the prompt's gradient is linear in the sum of its rows' contributions).
 
-        scorer = GroupScorer(model, prompt, temperature=1.0)
+        group = GroupLogprobs(model, prompt, temperature=1.0)
         for rows in (slice(0, 4), slice(4, 8)):
-            logp = scorer.logprobs(completion_ids[rows], completion_mask[rows])   # (4, T), with grad
+            logp = group.logprobs(completion_ids[rows], completion_mask[rows])   # (4, T), with grad
             loss_fn(logp, ...).backward()                                        # LoRA + leaf gradients
-        scorer.backward_prompt()                                                 # the prompt's share, once
+        group.backward_prompt()                                                 # the prompt's share, once
 
-    Without gradients (``torch.no_grad``) it is a plain chunked scorer and ``backward_prompt`` does nothing.
+    Without gradients (``torch.no_grad``) it is a plain chunked log-prob pass and ``backward_prompt`` does nothing.
     Use it as a context manager or call ``close`` to restore the model's attention implementation.
     """
 
@@ -589,11 +589,11 @@ class GroupScorer:
     def logprobs(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
         """``(g, T)`` fp32 log-probs of g completion rows of this prompt (masked positions 0)."""
         if not self._prefix:
-            raise RuntimeError("backward_prompt() was called: this GroupScorer's prompt forward is spent")
+            raise RuntimeError("backward_prompt() was called: this GroupLogprobs's prompt forward is spent")
         device = self.prompt.device
         completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
         _check_rows([self.prompt], completion_ids, completion_mask, completion_ids.shape[0])
-        logp = _score_rows(self.model, self._cache, self._prefix, self._first, self.prompt.numel(), completion_ids,
+        logp = _rows_logprobs(self.model, self._cache, self._prefix, self._first, self.prompt.numel(), completion_ids,
                            self.temperature, self._attention)
         return _zero_masked(logp, completion_mask)
 
@@ -611,7 +611,7 @@ class GroupScorer:
             cm, self._attention_cm = self._attention_cm, None
             cm.__exit__(None, None, None)
 
-    def __enter__(self) -> "GroupScorer":
+    def __enter__(self) -> "GroupLogprobs":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -629,7 +629,7 @@ def naive_completion_logprobs(
 ) -> torch.Tensor:
     """The reference for :func:`completion_logprobs`: per group, G full prompt+completion sequences
     ``(G, L+T)`` in one plain forward (the prompt recomputed G times, vocab logits at every position)."""
-    device, prompts, completion_ids, completion_mask = _scoring_inputs(
+    device, prompts, completion_ids, completion_mask = _logprob_inputs(
         model, prompt_ids, completion_ids, completion_mask, group_size)
     g, t = group_size, completion_ids.shape[1]
     out_rows = []

@@ -14,11 +14,11 @@ One training **step** (``train.max_steps`` of them):
 2. sample G = ``train.group_size`` completions per prompt with the policy (adapter on), in
    ``train.gradient_accumulation_steps`` rollout micro-batches (the memory knob: the step's prompts are
    sampled and back-propagated in that many chunks, the update is the same);
-3. score them with every reward (``fingrpo.rewards.score_completions``: per-function values, failures
+3. score them with every reward (``fingrpo.rewards.reward_completions``: per-function values, failures
    counted), gather the rewards of all processes and compute group advantages;
 4. reference log-probs (adapter disabled, the same weights: no second copy) only when ``beta > 0``;
    old log-probs only when ``num_iterations`` μ > 1 (with μ = 1, ρ ≡ 1 and the old pass is skipped);
-5. μ optimizer updates: per group, one forward of the prompt (``GroupScorer``), its completions'
+5. μ optimizer updates: per group, one forward of the prompt (``GroupLogprobs``), its completions'
    log-probs and the GRPO loss with the normalisers of the whole step, back-propagated
    ``train.backward_chunk_size`` completions at a time and the prompt's share once (one chunk's
    activations alive at a time), so the accumulated gradient equals the full-batch gradient; gradients all-reduced across
@@ -30,7 +30,7 @@ the latest one so that 4 steps straight == 2 steps + resume + 2 steps. Metrics: 
 (``train.metrics_path``), per-completion rewards in ``train.rollout_rewards_path`` (JSONL rows
 ``{"step": n, "reward/<name>": [...], "total": [...], "completion_lengths": [...]}``).
 
-Why not DDP: the shared-prefix scorer runs the model body on the prompt once and the completions
+Why not DDP: the shared-prefix log-prob pass runs the model body on the prompt once and the completions
 against its KV cache — several forwards per backward, partly outside the module's ``forward``, which
 DistributedDataParallel's reducer does not support. The LoRA gradients are tiny (≈0.5 M floats for
 SmolLM2 with r=8), so one explicit all-reduce of the flattened gradients per update is cheap and exact.
@@ -59,10 +59,10 @@ from fingrpo.errors import ConfigError, TrainingError
 from fingrpo.grpo import checkpoint
 from fingrpo.grpo.checkpoint import latest_checkpoint
 from fingrpo.grpo.loss import GRPOLoss, group_advantages, zero_std_fraction
-from fingrpo.grpo.rollout import GroupBatch, GroupScorer, StepRollout, completion_logprobs, sample_groups
+from fingrpo.grpo.rollout import GroupBatch, GroupLogprobs, StepRollout, completion_logprobs, sample_groups
 from fingrpo.io import atomic_path, write_json_atomic, write_text_atomic
 from fingrpo.model import add_lora, generate_completions, load_adapter, load_model_and_tokenizer
-from fingrpo.rewards import build_rewards, score_completions
+from fingrpo.rewards import build_rewards, reward_completions
 from fingrpo.scoring import score_prediction
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -330,7 +330,7 @@ class GRPOTrainer:
             completions += batch.completions
             lengths += [int(x) for x in r.completion_mask.sum(dim=1).tolist()]
             truncated += [float(x) for x in r.truncated.float().tolist()]
-        result = score_completions(self.reward_functions, prompts, completions, targets, self.config.rewards.nan_value)
+        result = reward_completions(self.reward_functions, prompts, completions, targets, self.config.rewards.nan_value)
 
         # ... then gathered: advantages, metrics and the "failed everywhere" check see the whole step.
         total_all = self._gather_floats(result.total)
@@ -404,12 +404,12 @@ class GRPOTrainer:
                 # backward frees that chunk's activations), then the prompt's share once: the gradients of
                 # one backward over the group, the peak memory of one chunk. Scored at the sampling
                 # temperature, so ρ compares the sampling distributions.
-                with GroupScorer(self.model, prompt, temperature=train_cfg.temperature) as scorer:
+                with GroupLogprobs(self.model, prompt, temperature=train_cfg.temperature) as group_logprobs:
                     for start in range(0, G, chunk):
                         end = min(start + chunk, G)
                         local, part = slice(start, end), slice(rows.start + start, rows.start + end)
                         ids, mask = r.completion_ids[part], r.completion_mask[part]
-                        logprobs = scorer.logprobs(ids, mask)  # (chunk, T) with grad
+                        logprobs = group_logprobs.logprobs(ids, mask)  # (chunk, T) with grad
                         old = batch.old_logprobs[gi][local] if batch.old_logprobs is not None else None
                         ref = batch.ref_logprobs[gi][local] if batch.ref_logprobs is not None else None
                         loss, stats = self.loss_fn(logprobs, old, ref, batch.advantages[part], mask, **norms)
@@ -421,7 +421,7 @@ class GRPOTrainer:
                             if _finite(v) and w > 0:
                                 stat_sums[k] += v * w
                         stat_tokens += w
-                    scorer.backward_prompt()
+                    group_logprobs.backward_prompt()
 
         # One all-reduce for everything: flattened gradients, loss and stat sums. Averaged over
         # processes, so every process applies the identical update and the weights stay identical.
@@ -541,7 +541,7 @@ class GRPOTrainer:
             self.model, self.tokenizer, prompts, max_new_tokens=self.train_cfg.max_new_tokens,
             batch_size=max(1, min(len(prompts), self.config.evaluate.batch_size)),
         )
-        result = score_completions(
+        result = reward_completions(
             self.reward_functions, prompts, completions, [self._target(e) for e in examples],
             self.config.rewards.nan_value,
         )
