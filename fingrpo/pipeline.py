@@ -199,7 +199,7 @@ def train_stage(cfg: "Config", resume: bool = False, callbacks: Sequence[Any] = 
 
         runs.check_tracking(cfg)
         if not any(isinstance(cb, runs.MLflowCallback) for cb in callbacks):
-            callbacks.insert(0, runs.MLflowCallback(cfg))
+            callbacks = runs.callbacks_from_config(cfg) + callbacks
     if not resume:
         clear_checkpoints(cfg.train.checkpoint_dir, checkpoint.CHECKPOINT_PREFIX)
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Prefect flow ``retrain``: prepare -> validate -> sft -> train -> evaluate -> plot -> promote, for scheduled retraining.
+"""Prefect flow ``retrain``: prepare -> validate -> sft -> train -> evaluate -> plot -> register, for scheduled retraining.
 
 Each task calls one stage function of :mod:`fingrpo.pipeline` (the same ones ``dvc repro`` runs
 through the ``fingrpo`` CLI) and has no logic of its own. Run it once, in-process::
@@ -15,7 +15,7 @@ Why it is shaped like this:
 - Bad data ends the run after ``validate`` as a Failed state whose message names the file, rule and
   record (calling the flow raises that ``DataError``); nothing is trained or registered.
 - Promotion is the last task and the tasks are called (not submitted), so any failure raises and
-  ends the flow before ``promote``: a failed run never moves the ``champion`` alias.
+  ends the flow before ``register``: a failed run never moves the ``champion`` alias.
 - Tasks that talk to MLflow retry (``retries=2``) after a delay, but only on tracking/connection
   errors: a data error or a diverging training would fail the same way again.
 - ``cache_policy=NONE`` everywhere: stages write files and registry entries (caching their results
@@ -149,7 +149,7 @@ def summary_markdown(train: dict, evaluation: dict, plots: list[str], promotion:
 @flow(name="retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", overrides: dict | None = None, resume: bool = False) -> dict:
     """Prepare the TAT-QA splits (when the config uses them), validate the data, warm-start (sft, when ``train.init_adapter`` is set), train with GRPO, evaluate,
-    plot, and promote the adapter if it beats the champion.
+    plot, and register the adapter (champion if it beats the current one).
 
     ``overrides`` replace params.yaml values for this run: ``{"train.max_steps": 2}`` or nested.
     """

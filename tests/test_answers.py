@@ -208,3 +208,18 @@ def test_parse_completion_never_raises(text):
 def test_huge_completion_is_cut_not_slow():
     pc = parse_completion("Program: add(1, 2)\nAnswer: 3\n" + "(" * 200_000)
     assert pc.format_ok
+
+
+def test_execute_completion_parses_then_runs_the_program_on_the_table():
+    from fingrpo.answers import execute_completion
+
+    table = [["", "2019", "2018"], ["revenue", "120", "100"]]
+    parsed, run = execute_completion("Program: subtract(120, 100), divide(#0, 100)\nAnswer: 20%", table)
+    assert parsed.format_ok and parsed.answer_value == pytest.approx(0.2)
+    assert run.value == pytest.approx(0.2) and run.error is None and run.steps is not None
+    parsed, run = execute_completion("Program: table_sum(costs, none)\nAnswer: 1", table)
+    assert run.value is None and run.execute_failed and "costs" in run.error
+    parsed, run = execute_completion("Program: divide(1,\nAnswer: 1", table)
+    assert run.value is None and run.parse_failed and not run.execute_failed
+    parsed, run = execute_completion("no program here", table)
+    assert parsed.program is None and run.value is None and not run.parse_failed and run.error is None

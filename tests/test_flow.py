@@ -202,3 +202,16 @@ def test_overrides_accept_dotted_keys_and_retry_only_transient_errors():
     assert _is_transient(None, None, Failed(data=MlflowException("database is locked")))
     assert not _is_transient(None, None, Failed(data=MlflowException("registered model not found",
                                                                       error_code="RESOURCE_DOES_NOT_EXIST")))
+
+
+def test_flow_overrides_use_the_config_dotted_key_rules():
+    from fingrpo.config import dotted_items, get_dotted, set_dotted
+
+    tree: dict = {}
+    set_dotted(tree, "train.max_steps", 2)
+    set_dotted(tree, "train", {"seed": 3})
+    assert tree == {"train": {"max_steps": 2, "seed": 3}}
+    assert dict(dotted_items({"a": {"b": 1, "c": {"d": None}}})) == {"a.b": 1, "a.c.d": None}
+    assert get_dotted({"dev": {"pooled": {"adapter": {"n": 5}}}}, "dev.pooled.adapter.n") == 5
+    with pytest.raises(KeyError):
+        get_dotted({"dev": {}}, "dev.pooled")

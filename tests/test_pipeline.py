@@ -3,6 +3,7 @@ on a tiny config in a throw-away repo (slow)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -29,10 +30,7 @@ def fake_module(monkeypatch, dotted: str, **attrs) -> types.ModuleType:
         setattr(mod, k, v)
     monkeypatch.setitem(sys.modules, dotted, mod)
     parent_name, _, leaf = dotted.rpartition(".")
-    parent = sys.modules.get(parent_name)
-    if parent is None:
-        parent = types.ModuleType(parent_name)
-        monkeypatch.setitem(sys.modules, parent_name, parent)
+    parent = importlib.import_module(parent_name)  # the real package (cheap: its names resolve lazily)
     monkeypatch.setattr(parent, leaf, mod, raising=False)
     return mod
 
@@ -64,6 +62,7 @@ class FakeTracking:
         fake_module(
             monkeypatch, "fingrpo.tracking.runs",
             MLflowCallback=MLflowCallback, check_tracking=check_tracking,
+            callbacks_from_config=lambda cfg: [MLflowCallback(cfg)] if cfg.tracking.enabled else [],
             log_evaluation=lambda cfg, result: calls.append(("log_evaluation", result)),
             log_plots=lambda cfg, paths: calls.append(("log_plots", list(paths))),
         )

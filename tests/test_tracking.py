@@ -610,3 +610,36 @@ def test_pyfunc_value_is_the_executed_program(monkeypatch, champion, data_dir):
     assert out["program"][0] == gold
     assert round(out["value"][0], 5) == pytest.approx(rec["qa"]["exe_ans"])
     assert out["value"][1] is None and out["answer"][1] == "7"
+
+
+# ------------------------------------------------------------------------------------------------
+# The promotion gate as a pure function (no MLflow)
+# ------------------------------------------------------------------------------------------------
+
+
+def _decide(challenger, champion, champion_version="3", margin=0.0):
+    from fingrpo.tracking.registry import decide_promotion
+
+    return decide_promotion(challenger, champion, metric="dev.pooled.adapter.execution_accuracy",
+                            min_improvement=margin, name="fingrpo-finqa", version="4",
+                            champion_version=champion_version)
+
+
+def test_decide_promotion_first_version_becomes_champion():
+    d = _decide(0.0, None, champion_version=None)
+    assert d.promote and "first version" in d.reason
+
+
+def test_decide_promotion_needs_to_beat_the_champion_by_more_than_the_margin():
+    assert _decide(0.31, 0.30).promote
+    assert not _decide(0.30, 0.30).promote  # a tie keeps the champion
+    assert not _decide(0.29, 0.30).promote
+    assert not _decide(0.32, 0.30, margin=0.05).promote and _decide(0.36, 0.30, margin=0.05).promote
+    assert "does not beat champion v3" in _decide(0.29, 0.30).reason
+
+
+def test_decide_promotion_refuses_a_non_finite_challenger_and_a_champion_without_the_metric():
+    assert not _decide(float("nan"), 0.1).promote and "not finite" in _decide(float("nan"), 0.1).reason
+    kept = _decide(0.9, None)  # the champion has no value of this metric (the metric was renamed)
+    assert not kept.promote and "promote by hand" in kept.reason
+    assert not _decide(0.9, 0.1, champion_version="4").promote  # already the champion
