@@ -9,7 +9,7 @@
 The same work on both sides: the bundled SmolLM2-135M-Instruct (fp32; CUDA when present, else CPU),
 LoRA r=8 / alpha=16 on ``q_proj``,``v_proj`` (dropout 0), G=8 completions for each of 4 prompts per step,
 64 new tokens at temperature 1.0, beta=0.04, one policy update per rollout (mu=1), and the SAME prompt
-texts: ``fingrpo.data.finqa.make_examples`` + ``render_prompt`` (chat template applied) over the first
+texts: ``fingrpo.data.prompts.make_examples`` + ``render_prompt`` (chat template applied) over the first
 train records, rewarded by the same ``fingrpo.rewards.reward_completions``. Every step of a run uses the
 same prompts (the prompt set is one batch), so both systems do the same prefill work every step.
 TRL keeps its own defaults for everything not listed (gradient checkpointing on, its loss type,
@@ -144,7 +144,8 @@ def bench_config(spec: BenchSpec, mode: str, workdir: str | Path) -> Any:
 
 def bench_examples(cfg: Any, tokenizer: Any, spec: BenchSpec) -> list[Any]:
     """The P prompt examples: the train records after the ``few_shot`` worked examples (deterministic)."""
-    from fingrpo.data.finqa import load_split, make_examples
+    from fingrpo.data.finqa import load_split
+    from fingrpo.data.prompts import make_examples
     from fingrpo.errors import DataError
 
     records = load_split(spec.data)
@@ -156,7 +157,7 @@ def bench_examples(cfg: Any, tokenizer: Any, spec: BenchSpec) -> list[Any]:
 
 def prompt_token_ids(examples: list[Any], tokenizer: Any) -> list[list[int]]:
     """Token ids of each rendered prompt (the chat template already starts with ``<|im_start|>``)."""
-    from fingrpo.data.finqa import render_prompt
+    from fingrpo.data.prompts import render_prompt
 
     return [tokenizer(render_prompt(e, tokenizer), add_special_tokens=False)["input_ids"] for e in examples]
 
@@ -528,7 +529,7 @@ def run_trl_worker(spec: BenchSpec, mode: str) -> dict:
     from peft import LoraConfig as PeftLoraConfig
     from transformers import TrainerCallback
 
-    from fingrpo.data.finqa import render_prompt
+    from fingrpo.data.prompts import render_prompt
     from fingrpo.model import load_model_and_tokenizer
     from fingrpo.rewards import build_rewards, reward_completions
 

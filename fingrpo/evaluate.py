@@ -14,13 +14,18 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from fingrpo.data.finqa import make_examples, render_prompt, retrieval_recall
+from fingrpo.data.prompts import make_examples, render_prompt, retrieval_recall
 from fingrpo.data.sources import dataset_of, eval_records, eval_sets, few_shot_records
 from fingrpo.io import write_json_atomic, write_jsonl_atomic
 from fingrpo.model import generate_completions, load_adapter, load_model_and_tokenizer
 from fingrpo.official import tatqa_em_f1
 from fingrpo.rewards import build_rewards, reward_completions
-from fingrpo.scoring import mean_or_zero, score_prediction, tatqa_gold, tatqa_prediction_of
+from fingrpo.scoring import (
+    mean_or_zero,
+    score_prediction,
+    tatqa_gold,
+    tatqa_prediction_of,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from fingrpo.config import Config

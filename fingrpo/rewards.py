@@ -11,7 +11,7 @@ and :func:`build_rewards` resolves those names through the one explicit map :dat
 :func:`reward_completions` runs them over a rollout batch; a reward that raises or returns NaN/inf for a
 completion gets ``nan_value`` there and the failure is counted, never propagated.
 
-``target`` may be a :class:`fingrpo.data.finqa.PromptExample`, a FinQA record, a dict with
+``target`` may be a :class:`fingrpo.data.prompts.PromptExample`, a FinQA record, a dict with
 ``exe_ans`` / ``table`` / ``program`` / ``target`` keys, or the target string
 ``"Program: subtract(5829, 5735)\\nAnswer: 94"`` (then it is parsed). With ``target=None`` the
 verifiable rewards (everything that compares to a gold answer or program) return 0.0: there is nothing

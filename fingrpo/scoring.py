@@ -40,8 +40,23 @@ from typing import Any, Sequence
 
 from fingrpo.answers import normalize_answer, parse_completion, run_program
 from fingrpo.data.finqa import load_split
-from fingrpo.data.tatqa import is_tatqa_file, parse_contexts, tatqa_prediction, to_finqa_records
-from fingrpo.dsl import ProgramError, RowName, Step, StepRef, TABLE_OPS, format_program, parse, round_result, tokens_to_program
+from fingrpo.data.tatqa import (
+    is_tatqa_file,
+    parse_contexts,
+    tatqa_prediction,
+    to_finqa_records,
+)
+from fingrpo.dsl import (
+    TABLE_OPS,
+    ProgramError,
+    RowName,
+    Step,
+    StepRef,
+    format_program,
+    parse,
+    round_result,
+    tokens_to_program,
+)
 from fingrpo.errors import DataError
 from fingrpo.io import read_json, read_jsonl
 from fingrpo.official import (

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from fingrpo import pipeline
 from fingrpo.config import PromptConfig, config_from_dict, load_config
-from fingrpo.data.finqa import FinQARecord, PromptExample, load_split, make_examples, render_prompt
+from fingrpo.data.finqa import FinQARecord, load_split
+from fingrpo.data.prompts import PromptExample, make_examples, render_prompt
 from fingrpo.errors import ConfigError, TrainingError
 
 

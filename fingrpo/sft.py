@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from fingrpo.data.finqa import make_examples, render_prompt
+from fingrpo.data.prompts import make_examples, render_prompt
 from fingrpo.data.sources import few_shot_records, train_sources, training_pool
 from fingrpo.errors import TrainingError
 from fingrpo.grpo.rollout import cache_of, expand_cache_

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from fingrpo.errors import ModelError
-from fingrpo.grpo.attention import IMPLEMENTATION, gqa_packed_sdpa, shared_prompt_attention
-from fingrpo.grpo.rollout import _pick_tokens, completion_logprobs, naive_completion_logprobs, sample_groups
+from fingrpo.grpo.attention import (
+    IMPLEMENTATION,
+    gqa_packed_sdpa,
+    shared_prompt_attention,
+)
+from fingrpo.grpo.rollout import (
+    _pick_tokens,
+    completion_logprobs,
+    naive_completion_logprobs,
+    sample_groups,
+)
 
 EOS = PAD = 2
 

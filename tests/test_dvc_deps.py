@@ -29,7 +29,6 @@ PLUMBING = {"fingrpo/__init__.py", "fingrpo/__main__.py", "fingrpo/cli.py", "fin
 LONG_MODULES = {
     "fingrpo/grpo/trainer.py": "the GRPO training loop: one step, its metrics, quick evaluation, the loop",
     "fingrpo/rewards.py": "the reward functions and their registry, each a small class",
-    "fingrpo/data/finqa.py": "FinQA records, their table text, retrieval and prompts",
     "fingrpo/grpo/rollout.py": "shared-prompt sampling and log-prob scoring against one KV cache",
     "fingrpo/data/tatqa.py": "the TAT-QA adapter: typed records, derivation parser, table conversion, split",
     "fingrpo/scoring.py": "the official FinQA/TAT-QA rules applied to predictions, and prediction files",

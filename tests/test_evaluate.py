@@ -96,7 +96,8 @@ def test_identical_models_give_identical_numbers_and_full_structure(tmp_path, ti
 
 def test_base_is_the_model_without_adapter(tmp_path, tiny_model_path, data_dir):
     """A trained (perturbed) adapter changes outputs; the "base" rows equal the bare model's outputs."""
-    from fingrpo.data.finqa import load_split, make_examples, render_prompt
+    from fingrpo.data.finqa import load_split
+    from fingrpo.data.prompts import make_examples, render_prompt
     from fingrpo.model import load_model_and_tokenizer
 
     adapter = _make_adapter(tiny_model_path, tmp_path / "adapter", perturb=True)

@@ -12,17 +12,19 @@ import pytest
 
 from fingrpo.config import PromptConfig
 from fingrpo.data.finqa import (
-    SYSTEM_PROMPT,
     FinQARecord,
-    format_exe_ans,
     linearize_table,
     load_provenance,
     load_split,
+    random_subset_ids,
+    table_to_markdown,
+)
+from fingrpo.data.prompts import (
+    SYSTEM_PROMPT,
+    format_exe_ans,
     make_examples,
     make_target,
-    random_subset_ids,
     render_prompt,
-    table_to_markdown,
 )
 from fingrpo.errors import ConfigError, DataError
 from fingrpo.seed import FinancialJSONDataLoader
@@ -431,7 +433,8 @@ def test_financial_json_data_loader(data_dir, tiny_tok):
 
 
 def test_retrieval_recall_counts_gold_facts_in_the_top_k(data_dir):
-    from fingrpo.data.finqa import load_split, retrieval_recall, retrieve
+    from fingrpo.data.finqa import load_split
+    from fingrpo.data.prompts import retrieval_recall, retrieve
 
     records = load_split(data_dir / "dev.json")[:30]
     rec = records[0]

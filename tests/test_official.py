@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from fingrpo.cli import main
-from fingrpo.scoring import score_files, score_predictions
 from fingrpo.official import (
     finqa_equal_program,
     finqa_eval_program,
@@ -32,6 +31,7 @@ from fingrpo.official import (
     tatqa_is_number,
     tatqa_to_number,
 )
+from fingrpo.scoring import score_files, score_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -12,7 +12,13 @@ import pytest
 
 from fingrpo.config import config_from_dict
 from fingrpo.errors import DataError
-from fingrpo.plots import PLOT_FILES, placeholder_note, plot_from_config, read_metrics_csv, read_rollout_rewards
+from fingrpo.plots import (
+    PLOT_FILES,
+    placeholder_note,
+    plot_from_config,
+    read_metrics_csv,
+    read_rollout_rewards,
+)
 
 REWARD_NAMES = ("correctness", "program_execution", "format", "numbers_from_context")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -387,7 +387,8 @@ def test_docstring_examples_hold():
 def test_real_prompt_examples_as_targets(data_dir):
     """The trainer's path: PromptExamples from the data module, prompts rendered as the model sees them."""
     from fingrpo.config import load_config
-    from fingrpo.data.finqa import load_split, make_examples, render_prompt
+    from fingrpo.data.finqa import load_split
+    from fingrpo.data.prompts import make_examples, render_prompt
 
     cfg = load_config(ROOT / "params.yaml")
     records = load_split(data_dir / "train.json")[:30]

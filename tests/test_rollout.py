@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from fingrpo.grpo.loss import GRPOLoss
-from fingrpo.grpo.rollout import Rollout, completion_logprobs, naive_completion_logprobs, sample_groups
+from fingrpo.grpo.rollout import (
+    Rollout,
+    completion_logprobs,
+    naive_completion_logprobs,
+    sample_groups,
+)
 
 EOS = PAD = 2
 G = 3

@@ -22,8 +22,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from test_tracking import _free_port, _promote, _template_db, adapter_dir, make_cfg  # noqa: F401 - fixtures
+from test_tracking import (  # noqa: F401 - fixtures
+    _free_port,
+    _promote,
+    _template_db,
+    adapter_dir,
+    make_cfg,
+)
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -45,7 +45,8 @@ def test_shared_prefix_batch_equals_per_sequence_loss_and_gradients(tmp_path, ti
     import torch
     import torch.nn.functional as F
 
-    from fingrpo.data.finqa import load_split, make_examples
+    from fingrpo.data.finqa import load_split
+    from fingrpo.data.prompts import make_examples
     from fingrpo.model import add_lora, load_model_and_tokenizer
     from fingrpo.sft import _batch, reply_loss, sft_sequences
 

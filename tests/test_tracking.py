@@ -122,7 +122,11 @@ def test_redact_uri_strips_credentials():
 
 
 def test_tracking_uri_precedence(tmp_path, monkeypatch):
-    from fingrpo.tracking import DEFAULT_TRACKING_URI, default_artifact_location, resolve_tracking_uri
+    from fingrpo.tracking import (
+        DEFAULT_TRACKING_URI,
+        default_artifact_location,
+        resolve_tracking_uri,
+    )
 
     cfg = load_config(None)
     assert resolve_tracking_uri(cfg) == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
@@ -162,7 +166,10 @@ def test_unusable_sqlite_store_is_a_tracking_error(tmp_path):
 
 def test_retry_wrapper_backs_off_and_gives_up(monkeypatch):
     from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+    from mlflow.protos.databricks_pb2 import (
+        INVALID_PARAMETER_VALUE,
+        TEMPORARILY_UNAVAILABLE,
+    )
 
     from fingrpo.tracking import client as tracking
 
@@ -376,7 +383,12 @@ def test_disabled_tracking_logs_nothing(tmp_path):
 
 
 def test_later_stages_log_into_the_training_run(tmp_path):
-    from fingrpo.tracking import MLflowCallback, log_artifacts, log_evaluation, log_plots
+    from fingrpo.tracking import (
+        MLflowCallback,
+        log_artifacts,
+        log_evaluation,
+        log_plots,
+    )
 
     cfg = make_cfg(tmp_path)
     cb = MLflowCallback(cfg, log_adapter=False)
@@ -555,8 +567,13 @@ def test_pyfunc_champion_answers_a_finqa_record(champion, data_dir, adapter_dir,
     import pandas as pd
 
     from fingrpo.config import ModelConfig
-    from fingrpo.data.finqa import load_split, make_examples, render_prompt
-    from fingrpo.model import generate_completions, load_adapter, load_model_and_tokenizer
+    from fingrpo.data.finqa import load_split
+    from fingrpo.data.prompts import make_examples, render_prompt
+    from fingrpo.model import (
+        generate_completions,
+        load_adapter,
+        load_model_and_tokenizer,
+    )
 
     cfg = champion
     with fluent_uri(cfg.tracking.tracking_uri):  # restores mlflow's global URIs and env afterwards

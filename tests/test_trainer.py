@@ -339,7 +339,8 @@ def test_data_order_is_seeded_and_reshuffled_per_epoch(tmp_path, tiny_model_path
 
 
 def test_eval_interval_reports_quick_evaluation(tmp_path, tiny_model_path, tiny_finqa):
-    from fingrpo.data.finqa import load_split, make_examples
+    from fingrpo.data.finqa import load_split
+    from fingrpo.data.prompts import make_examples
 
     cfg = tiny_cfg(tmp_path, tiny_model_path, max_steps=2, eval_interval=2, eval_subset_size=2, prompts_per_step=2)
     from fingrpo.model import load_model_and_tokenizer

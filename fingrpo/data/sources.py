@@ -38,7 +38,7 @@ def train_sources(cfg: "Config") -> list[TrainSourceConfig]:
 
 def few_shot_records(cfg: "Config") -> list[FinQARecord]:
     """The worked examples' pool, the one few-shot choice of the project: the first ``prompt.few_shot + 1``
-    records of the first training source ([] for 0-shot). :func:`fingrpo.data.finqa.make_examples` shows
+    records of the first training source ([] for 0-shot). :func:`fingrpo.data.prompts.make_examples` shows
     the first ``prompt.few_shot`` of them that are not the question itself (the spare one stands in when
     the question is among them, as a served record may be); :func:`training_pool` keeps the first
     ``prompt.few_shot`` out of training. The trainer, the evaluation and the served model all use it."""

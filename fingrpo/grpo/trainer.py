@@ -53,7 +53,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_che
 
 import torch
 
-from fingrpo.data.finqa import load_split, make_examples, render_prompt
+from fingrpo.data.finqa import load_split
+from fingrpo.data.prompts import make_examples, render_prompt
 from fingrpo.data.sources import few_shot_records, training_pool
 from fingrpo.errors import ConfigError, TrainingError
 from fingrpo.grpo import checkpoint
@@ -120,7 +121,7 @@ class GRPOTrainer:
 
     ``model``: a peft ``PeftModel`` (a plain model is wrapped with ``config.lora``); ``reward_functions``:
     ``fingrpo.rewards.WeightedReward``s (``build_rewards``) or ``RewardFunction``s; ``train_examples`` /
-    ``eval_examples``: ``fingrpo.data.finqa.PromptExample``s (a plain ``str`` is taken as a ready prompt
+    ``eval_examples``: ``fingrpo.data.prompts.PromptExample``s (a plain ``str`` is taken as a ready prompt
     with no target); ``config``: the whole :class:`fingrpo.config.Config`.
 
     >>> trainer = GRPOTrainer(policy, tok, build_rewards(cfg.rewards), train_ex, dev_ex, cfg)   # doctest: +SKIP

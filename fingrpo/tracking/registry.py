@@ -21,7 +21,13 @@ from fingrpo.errors import ConfigError, DataError, ModelError
 from fingrpo.io import read_json, write_json_atomic
 from fingrpo.tracking.client import MAX_TAG_LEN, Tracker, fluent_uri
 from fingrpo.tracking.runs import current_run, provenance_tags
-from fingrpo.tracking.serving import PYFUNC_ENTRY_POINT, SERVING_CONFIG, pip_requirements, pyfunc_signature, serving_config
+from fingrpo.tracking.serving import (
+    PYFUNC_ENTRY_POINT,
+    SERVING_CONFIG,
+    pip_requirements,
+    pyfunc_signature,
+    serving_config,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from fingrpo.config import Config

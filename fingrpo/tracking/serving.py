@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from fingrpo.answers import execute_completion
 from fingrpo.config import DataConfig, ModelConfig, PromptConfig
-from fingrpo.data.finqa import FinQARecord, make_examples, render_prompt
+from fingrpo.data.finqa import FinQARecord
+from fingrpo.data.prompts import make_examples, render_prompt
 from fingrpo.data.sources import few_shot_records
 from fingrpo.errors import DataError
 from fingrpo.io import read_json
@@ -221,7 +222,15 @@ def pyfunc_signature(serving: dict) -> Any:
     """
     from mlflow.models import ModelSignature
     from mlflow.types import DataType
-    from mlflow.types.schema import AnyType, Array, ColSpec, Map, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import (
+        AnyType,
+        Array,
+        ColSpec,
+        Map,
+        ParamSchema,
+        ParamSpec,
+        Schema,
+    )
 
     text = Array(DataType.string)
     inputs = Schema([
