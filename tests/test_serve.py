@@ -1,7 +1,7 @@
 """Real MLflow processes (slow; CI runs them with `pytest -m slow`):
 
 - ``mlflow models serve -m models:/fingrpo-finqa@champion --env-manager local`` answers a FinQA record
-  POSTed to ``/invocations``;
+  POSTed to ``/invocations``, and refuses bad rows (HTTP 400, the row and the field named);
 - the whole tracking flow (callback -> evaluation -> promotion) against a real ``mlflow server``.
 
 Servers start in their own session (``start_new_session``, i.e. setsid) and the whole process group is
@@ -72,6 +72,16 @@ def _wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float 
     pytest.fail(f"{url} not up after {timeout}s:\n{log_path.read_text(errors='replace')[-3000:]}")
 
 
+def _post(port: int, rows: list[dict]) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps({"dataframe_records": rows}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def test_models_serve_answers_a_finqa_record(tmp_path, adapter_dir, tiny_model_path, data_dir):  # noqa: F811
     cfg, decision = _promote(tmp_path, adapter_dir, tiny_model_path, 0.4)
     assert decision["decision"] == "promoted"
@@ -92,8 +102,19 @@ def test_models_serve_answers_a_finqa_record(tmp_path, adapter_dir, tiny_model_p
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as resp:
             answer = json.loads(resp.read())
+        # bad input: HTTP 400, MLflow's INVALID_PARAMETER_VALUE, the row and the field named; never an answer
+        number_question = _post(port, [{"question": 5}])
+        batch = _post(port, [row, {"id": "q2", "question": "what was the change?"}])
+        # rows that leave different optional columns out are one valid batch (MLflow's enforcement refused it)
+        mixed = _post(port, [row, {"id": "q3", "question": rec["qa"]["question"], "table": rec["table"]}])
     finally:
         _stop(proc)
+    for status, body in (number_question, batch):
+        assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE" and "predictions" not in body
+    assert "input row 0: question: expected a non-empty string, got a number" in number_question[1]["message"]
+    assert "input row 1: no report context" in batch[1]["message"] and "input row 0" not in batch[1]["message"]
+    assert mixed[0] == 200 and [p["id"] for p in mixed[1]["predictions"]] == [rec["id"], "q3"]
+    assert mixed[1]["predictions"][1]["context_mode"] == "retrieved"
     (pred,) = answer["predictions"]
     assert set(pred) == {"id", "completion", "program", "answer", "answer_value", "value", "context_mode"}
     assert pred["id"] == rec["id"] and isinstance(pred["completion"], str) and pred["context_mode"] == "gold"

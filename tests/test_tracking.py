@@ -660,3 +660,47 @@ def test_decide_promotion_refuses_a_non_finite_challenger_and_a_champion_without
     kept = _decide(0.9, None)  # the champion has no value of this metric (the metric was renamed)
     assert not kept.promote and "promote by hand" in kept.reason
     assert not _decide(0.9, 0.1, champion_version="4").promote  # already the champion
+
+
+# ------------------------------------------------------------------------------------------------
+# Served requests are validated (the pyfunc answers a bad row with an error naming it, never a guess)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"question": 5, "table": [["a", "1"]]}, "input row 0: question: expected a non-empty string, got a number"),
+    ({"question": "  ", "table": [["a", "1"]]}, "input row 0: question: expected a non-empty string, got an empty string"),
+    ({"question": "what?"}, "input row 0: no report context"),
+    ({"question": "what?", "pre_text": "growth"}, "input row 0: pre_text: expected a list of strings, got a string"),
+    ({"question": "what?", "pre_text": ["a", 3]}, "input row 0: pre_text: item 1: expected a string, got a number"),
+    ({"question": "what?", "table": [["a", 1]]}, "input row 0: table: row 0: expected a list of strings"),
+    ({"question": "what?", "table": ["a", "b"]}, "input row 0: table: row 0: expected a list of strings"),
+    ({"question": "what?", "pre_text": ["a"], "gold_inds": ["text_0"]}, "input row 0: gold_inds: expected a mapping"),
+    ({"record": {"qa": {"question": 7}, "pre_text": ["a"]}}, "input row 0: record: question: expected a non-empty string"),
+])
+def test_a_bad_request_row_is_refused_naming_the_row_and_the_field(row, needle):
+    from fingrpo.tracking.serving import _row_to_record
+
+    with pytest.raises(DataError) as err:
+        _row_to_record(row, 0)
+    assert needle in str(err.value)
+
+
+def test_a_good_request_row_becomes_a_record():
+    from fingrpo.tracking.serving import _row_to_record
+
+    rec = _row_to_record({"question": "what?", "pre_text": ["sales rose"], "table": [["", "2019"], ["sales", "5"]],
+                          "gold_inds": {"text_0": "sales rose"}, "id": float("nan")}, 3)
+    assert rec["id"] == "input-3" and rec["qa"] == {"question": "what?", "gold_inds": {"text_0": "sales rose"}}
+    assert rec["table"] == [["", "2019"], ["sales", "5"]] and rec["post_text"] == []
+
+
+def test_invalid_request_is_mlflows_invalid_parameter_value_naming_every_bad_row():
+    from mlflow.exceptions import MlflowException
+
+    from fingrpo.tracking.serving import _invalid_request
+
+    err = _invalid_request(["input row 1: question: x", "input row 3: no report context"])
+    assert isinstance(err, MlflowException) and err.error_code == "INVALID_PARAMETER_VALUE"
+    assert err.get_http_status_code() == 400
+    assert "2 bad request row(s)" in err.message and "input row 1" in err.message and "input row 3" in err.message

@@ -59,48 +59,101 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))  # NaN: a column this row lacks
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _as_list(value: Any, where: str, rows_of_strings: bool = False) -> list:
+    """A request's list field (numpy arrays and JSON text accepted) -> a list of strings, or of rows of
+    strings for the table; anything else is a :class:`DataError` naming the row and the field."""
+    if _absent(value):
+        return []
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, str):  # JSON text from a CSV / form
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+    if not isinstance(value, list):
+        raise DataError(f"{where}: expected a list of {'rows of strings' if rows_of_strings else 'strings'}, "
+                        f"got {_kind(value)}")
+    value = [v.tolist() if hasattr(v, "tolist") else v for v in value]
+    for j, item in enumerate(value):
+        if rows_of_strings:
+            if not isinstance(item, list) or not all(isinstance(c, str) for c in item):
+                raise DataError(f"{where}: row {j}: expected a list of strings (table cells), got "
+                                f"{_kind(item) if not isinstance(item, list) else 'a non-string cell'}")
+        elif not isinstance(item, str):
+            raise DataError(f"{where}: item {j}: expected a string, got {_kind(item)}")
+    return value
+
+
+def _request_record(question: Any, pre_text: Any, post_text: Any, table: Any, gold_inds: Any, rid: Any,
+                    where: str) -> dict:
+    """A validated request row -> a FinQA record dict (official layout: question under ``qa``).
+
+    The question must be a non-empty string (a number is refused, not read as text), some report
+    context must be given (``pre_text``/``post_text``: lists of strings; ``table``: rows of strings),
+    and ``gold_inds``, when given, maps fact keys to their text.
+    """
+    if _absent(question):
+        raise DataError(f"{where}: column 'question' is missing or empty (or pass a 'record' column)")
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: question: expected a non-empty string, got "
+                        f"{_kind(question) if not isinstance(question, str) else 'an empty string'}")
+    context = {"pre_text": _as_list(pre_text, f"{where}: pre_text"),
+               "post_text": _as_list(post_text, f"{where}: post_text"),
+               "table": _as_list(table, f"{where}: table", rows_of_strings=True)}
+    if not any(context.values()):
+        raise DataError(f"{where}: no report context: give pre_text / post_text (lists of strings) and/or "
+                        "table (a list of rows of strings)")
+    qa: dict[str, Any] = {"question": question}
+    if isinstance(gold_inds, str):
+        with contextlib.suppress(json.JSONDecodeError):
+            gold_inds = json.loads(gold_inds)
+    if not _absent(gold_inds) and gold_inds != {}:
+        if not isinstance(gold_inds, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in gold_inds.items()):
+            raise DataError(f"{where}: gold_inds: expected a mapping of fact keys (text_N / table_N) to "
+                            f"their text, got {_kind(gold_inds)}")
+        qa["gold_inds"] = gold_inds
+    return {"id": str(rid) if not _absent(rid) and rid != "" else None, **context, "qa": qa}
+
+
 def _row_to_record(row: dict, index: int) -> dict:
-    """One input row -> a FinQA record dict (official layout: question under ``qa``)."""
+    """One input row (the record's fields, or one ``record`` column) -> a validated FinQA record dict."""
+    where = f"input row {index}"
     rec = row.get("record")
-    if rec is not None and not (isinstance(rec, float) and math.isnan(rec)):  # NaN: this row has no record
+    if not _absent(rec):
         if isinstance(rec, str):
             try:
                 rec = json.loads(rec)
             except json.JSONDecodeError as e:
-                raise DataError(f"input row {index}: column 'record' is not valid JSON ({e.msg})") from None
+                raise DataError(f"{where}: column 'record' is not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict):
-            raise DataError(f"input row {index}: column 'record' must be a FinQA record object")
-        return rec
-    if not row.get("question"):
-        raise DataError(f"input row {index}: column 'question' is missing or empty (or pass a 'record' column)")
+            raise DataError(f"{where}: column 'record' must be a FinQA record object")
+        qa = rec.get("qa") if isinstance(rec.get("qa"), dict) else {}
+        checked = _request_record(qa.get("question"), rec.get("pre_text"), rec.get("post_text"), rec.get("table"),
+                                  qa.get("gold_inds"), rec.get("id"), f"{where}: record")
+        return {**rec, **{k: v for k, v in checked.items() if k != "qa"}, "id": checked["id"] or f"input-{index}",
+                "qa": {**qa, **checked["qa"]}}
+    checked = _request_record(row.get("question"), row.get("pre_text"), row.get("post_text"), row.get("table"),
+                              row.get("gold_inds"), row.get("id"), where)
+    return {**checked, "id": checked["id"] or f"input-{index}"}
 
-    def _as_list(name: str) -> list:
-        value = row.get(name)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return []
-        if hasattr(value, "tolist"):
-            value = value.tolist()
-        if isinstance(value, str):  # JSON text from a CSV / form
-            with contextlib.suppress(json.JSONDecodeError):
-                value = json.loads(value)
-        if not isinstance(value, list):
-            raise DataError(f"input row {index}: column {name!r} must be a list")
-        return [v.tolist() if hasattr(v, "tolist") else v for v in value]
 
-    qa = {"question": str(row["question"])}
-    gold_inds = row.get("gold_inds")
-    if isinstance(gold_inds, str):
-        with contextlib.suppress(json.JSONDecodeError):
-            gold_inds = json.loads(gold_inds)
-    if isinstance(gold_inds, dict) and gold_inds:
-        qa["gold_inds"] = gold_inds
-    return {
-        "id": str(row.get("id") or f"input-{index}"),
-        "pre_text": _as_list("pre_text"),
-        "post_text": _as_list("post_text"),
-        "table": _as_list("table"),
-        "qa": qa,
-    }
+def _invalid_request(errors: list[str]) -> Exception:
+    """Bad request rows as MLflow's INVALID_PARAMETER_VALUE: ``mlflow models serve`` answers HTTP 400 with
+    this message (every bad row named), instead of a made-up answer."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    head = f"{len(errors)} bad request row(s), nothing answered: " if len(errors) > 1 else ""
+    return MlflowException(head + "; ".join(errors), error_code=INVALID_PARAMETER_VALUE)
 
 
 class _FinQAPyfunc:
@@ -147,8 +200,18 @@ class _FinQAPyfunc:
         if isinstance(model_input, dict):
             model_input = [model_input]
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(list(model_input))
-        rows = [_row_to_record(row, i) for i, row in enumerate(df.to_dict(orient="records"))]
-        records = self._records([_serving_defaults(r) for r in rows], "input")
+        rows, errors = [], []
+        for i, row in enumerate(df.to_dict(orient="records")):
+            try:
+                rows.append(_row_to_record(row, i))
+            except DataError as e:
+                errors.append(str(e))
+        if errors:
+            raise _invalid_request(errors)
+        try:
+            records = self._records([_serving_defaults(r) for r in rows], "input")
+        except DataError as e:
+            raise _invalid_request([str(e)]) from None
         # context_mode=gold needs the supporting facts; a request without qa.gold_inds gets the closest
         # thing, the top-k retrieved facts, and the output column context_mode says so
         modes = [self.prompt_cfg.context_mode if (self.prompt_cfg.context_mode != "gold" or rec.qa.gold_inds)
@@ -216,31 +279,21 @@ def _serving_defaults(rec: dict) -> dict:
 def pyfunc_signature(serving: dict) -> Any:
     """The model's input/output schema and its two params (what ``/invocations`` accepts).
 
-    Every input column is optional: a request sends either the record's fields (``question``,
-    ``pre_text``, ``post_text``, ``table``, ``gold_inds``, ``id``) or one ``record`` column. Table
-    cells are strings, as in the official FinQA JSON.
+    Every input column is optional: a request sends either the record's fields (``question``: a
+    string, ``pre_text``/``post_text``: lists of strings, ``table``: a list of rows of strings, as in the
+    official FinQA JSON, ``gold_inds``: a mapping, ``id``) or one ``record`` column. The record columns
+    are declared ``Any``: MLflow's own enforcement would refuse a whole batch in which one row leaves an
+    optional list out ("Expected data to be list or numpy array, got float") and would pass a number as
+    the question; the pyfunc checks every row itself and names the bad row and field (HTTP 400).
     """
     from mlflow.models import ModelSignature
     from mlflow.types import DataType
-    from mlflow.types.schema import (
-        AnyType,
-        Array,
-        ColSpec,
-        Map,
-        ParamSchema,
-        ParamSpec,
-        Schema,
-    )
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
-    text = Array(DataType.string)
     inputs = Schema([
         ColSpec(DataType.string, "id", required=False),
-        ColSpec(DataType.string, "question", required=False),
-        ColSpec(text, "pre_text", required=False),
-        ColSpec(text, "post_text", required=False),
-        ColSpec(Array(text), "table", required=False),
-        ColSpec(Map(DataType.string), "gold_inds", required=False),
-        ColSpec(AnyType(), "record", required=False),
+        *(ColSpec(AnyType(), name, required=False)
+          for name in ("question", "pre_text", "post_text", "table", "gold_inds", "record")),
     ])
     outputs = Schema([
         ColSpec(DataType.string, "id"), ColSpec(DataType.string, "completion"),
