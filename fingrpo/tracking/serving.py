@@ -163,8 +163,10 @@ class _FinQAPyfunc:
     ``table``, optional ``gold_inds``/``id``; or one column ``record`` holding the record or its JSON)
     -> DataFrame ``id, completion, program, answer, answer_value, value, context_mode`` where ``value``
     is the completion's program executed on the row's table (None when it does not execute). The prompt is
-    built by ``fingrpo.data.finqa`` from the prompt config saved with the version, exactly as in
-    training and evaluation; generation is greedy.
+    built by :mod:`fingrpo.data.prompts` from the prompt config saved with the version, exactly as in
+    training and evaluation; generation is greedy. Every row is checked first (:func:`_row_to_record`): a
+    bad one raises MLflow's ``INVALID_PARAMETER_VALUE`` naming each bad row and field (HTTP 400 from
+    ``mlflow models serve``), and nothing of that batch is generated.
 
     >>> m = mlflow.pyfunc.load_model("models:/fingrpo-finqa@champion")      # doctest: +SKIP
     >>> m.predict(pd.DataFrame(  # doctest: +SKIP
