@@ -15,7 +15,7 @@ Decisions (documented because FinQA itself is not uniform):
 
 - **Percent**: ``34.7%`` (or ``34.7 percent``) normalises to 0.347 — the value the official
   ``str_to_num`` gives and the unit most ``exe_ans`` use (34.7% is stored as 0.34719). A minority of
-  records store percent units (24.69% as 24.69136); :func:`fingrpo.evaluate.tolerant_match` accepts
+  records store percent units (24.69% as 24.69136); :func:`fingrpo.scoring.tolerant_match` accepts
   either (×100 / ÷100), the official rule does not.
 - **Scale words** (``million``, ``billion``, ``thousand``, ``mn``, ``bn``) are *not* applied: FinQA values
   are in the table's own units (``$ 5.2 million`` in a table "in millions" is 5.2), so ``5.2 million``
