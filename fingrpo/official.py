@@ -16,7 +16,7 @@ FinQA (``czyssrs/FinQA`` ``code/evaluate/evaluate.py``) scores a program given a
   step); both become expression strings that ``sympy.simplify`` reads and simplifies, and must be equal.
 
 execution accuracy = ``invalid_flag == 0 and exe_res == exe_ans``; program accuracy = ``equal_program``.
-:mod:`fingrpo.evaluate` uses these for ``execution_accuracy`` and ``program_accuracy``; its
+:mod:`fingrpo.scoring` uses these for ``execution_accuracy`` and ``program_accuracy``; its
 ``tolerant_accuracy`` keeps the lenient reading of :mod:`fingrpo.dsl`.
 
 TAT-QA (``NExTplusplus/TAT-QA`` ``tatqa_eval.py``, ``tatqa_metric.py``, ``tatqa_utils.py``) scores an
