@@ -704,3 +704,18 @@ def test_invalid_request_is_mlflows_invalid_parameter_value_naming_every_bad_row
     assert isinstance(err, MlflowException) and err.error_code == "INVALID_PARAMETER_VALUE"
     assert err.get_http_status_code() == 400
     assert "2 bad request row(s)" in err.message and "input row 1" in err.message and "input row 3" in err.message
+
+
+def test_serving_config_reads_an_adapter_saved_by_an_older_config(tmp_path, data_dir):
+    """A trained config with fields this version no longer knows still registers (they are ignored)."""
+    from fingrpo.tracking.serving import serving_config
+
+    cfg = make_cfg(tmp_path, prompt={"few_shot": 1, "context_mode": "gold"})
+    trained = cfg.model_dump(mode="json")
+    trained["data"]["a_removed_knob"] = 1
+    trained["prompt"]["another_removed_knob"] = 2
+    Path(cfg.train.output_dir).mkdir()
+    (Path(cfg.train.output_dir) / "fingrpo_config.json").write_text(json.dumps(trained))
+    serving = serving_config(cfg)
+    train = json.loads((data_dir / "train.json").read_text())
+    assert serving["few_shot_records"] == train[:2]

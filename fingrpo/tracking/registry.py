@@ -180,9 +180,9 @@ def register_from_config(cfg: "Config") -> dict:
     champion_version = str(champion.version) if champion is not None else None
     champion_value = _version_metric(tracker, champion, metric) if champion is not None else None
     margin = cfg.register.min_improvement
-    decision_ = decide_promotion(challenger_value, champion_value, metric=metric, min_improvement=margin,
-                                 name=name, version=version, champion_version=champion_version)
-    promote, reason = decision_.promote, decision_.reason
+    gate = decide_promotion(challenger_value, champion_value, metric=metric, min_improvement=margin,
+                            name=name, version=version, champion_version=champion_version)
+    promote, reason = gate.promote, gate.reason
     if promote:
         tracker.call(client.set_registered_model_alias, name, CHAMPION, version)
 

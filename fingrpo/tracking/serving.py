@@ -326,8 +326,12 @@ def serving_config(cfg: "Config", adapter_dir: str | os.PathLike | None = None) 
             raise DataError(f"{saved}: expected the resolved config (a JSON object)")
     model = {**cfg.model.model_dump(mode="json"), **trained.get("model", {})}
     prompt = {**cfg.prompt.model_dump(mode="json"), **trained.get("prompt", {})}
+    # sections of the trained config, as far as this version of the config knows their fields (an adapter
+    # trained by an older fingrpo registers too)
     data = {**cfg.data.model_dump(mode="json"), **trained.get("data", {})}
-    trained_cfg = cfg.model_copy(update={"data": DataConfig(**data), "prompt": PromptConfig(**prompt)})
+    known = {"data": DataConfig(**{k: v for k, v in data.items() if k in DataConfig.model_fields}),
+             "prompt": PromptConfig(**{k: v for k, v in prompt.items() if k in PromptConfig.model_fields})}
+    trained_cfg = cfg.model_copy(update=known)
     few_shot = [r.model_dump(mode="json") for r in few_shot_records(trained_cfg)]
     return {
         "model": {"name_or_path": model["name_or_path"], "dtype": model["dtype"]},
