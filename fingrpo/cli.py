@@ -7,6 +7,7 @@
     fingrpo evaluate
     fingrpo plot
     fingrpo register
+    fingrpo check-new [--force] [--no-pull]   # exit 3: nothing new since the last registered version
     fingrpo score --predictions preds.json --data data/finqa/test.json
     fingrpo results results/recipe results/control-random --output docs/results
 
@@ -27,6 +28,7 @@ import sys
 from fingrpo import __version__, pipeline
 from fingrpo.config import load_config, parse_overrides
 from fingrpo.errors import FingrpoError
+from fingrpo.lineage import NOTHING_NEW_EXIT
 from fingrpo.results import write_results
 from fingrpo.scoring import score_files
 
@@ -104,6 +106,12 @@ def cmd_register(args) -> int:
     return 0
 
 
+def cmd_check_new(args) -> int:
+    result = pipeline.check_new_stage(_config(args), force=args.force, pull=not args.no_pull)
+    print(result["reason"] + f" (fingerprint {result['fingerprint'][:12]})")
+    return 0 if result["new"] else NOTHING_NEW_EXIT
+
+
 def cmd_results(args) -> int:
     for path in write_results(args.runs, args.output):
         print(path)
@@ -160,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("register", parents=[common], help="register the adapter as a new model version; move 'champion' if it beats the current one")
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("check-new", parents=[common],
+                       help=f"dvc pull data.dvc, then exit {NOTHING_NEW_EXIT} if a registered version was already trained "
+                            "from this data, params and code (`fingrpo check-new && dvc repro`)")
+    p.add_argument("--force", action="store_true", help="count the run as new even when its fingerprint was trained")
+    p.add_argument("--no-pull", action="store_true", help="fingerprint data/ as it is (no `dvc pull`)")
+    p.set_defaults(func=cmd_check_new)
     return parser
 
 

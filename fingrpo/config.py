@@ -236,8 +236,16 @@ class RegisterConfig(_Section):
         "dev.pooled.adapter.execution_accuracy",
         description="eval.json key the promotion gate compares (dev.pooled.*: every record of the pooled sets)",
     )
-    min_improvement: float = Field(0.0, ge=0.0, description="champion moves only if challenger beats it by more")
-    output_path: str = Field("reports/promotion.json", description="decision and both figures")
+    rule: Literal["mcnemar", "gained_minus_lost"] = Field(
+        "mcnemar", description="paired rule on the shared records: mcnemar (gains > losses and exact one-sided "
+        "McNemar p <= alpha) | gained_minus_lost (gains - losses > min_improvement of the records)")
+    alpha: float = Field(0.05, gt=0.0, le=1.0, description="rule=mcnemar: the test's level")
+    min_improvement: float = Field(
+        0.0, ge=0.0, description="(gained - lost) / records must exceed this share for the champion to move")
+    reevaluate_champion: bool = Field(
+        True, description="champion measured on another set (records, data version, context mode): evaluate it "
+        "on the challenger's set first (false: keep it, not compared)")
+    output_path: str = Field("reports/promotion.json", description="decision, both figures and their sets, the rule")
 
 
 class TrackingConfig(_Section):

@@ -12,23 +12,24 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
+from fingrpo.config import Config
+from fingrpo.data.finqa import FinQARecord
 from fingrpo.data.prompts import make_examples, render_prompt, retrieval_recall
 from fingrpo.data.sources import dataset_of, eval_records, eval_sets, few_shot_records
 from fingrpo.io import write_json_atomic, write_jsonl_atomic
+from fingrpo.lineage import DATA_POINTER, data_hash
 from fingrpo.model import generate_completions, load_adapter, load_model_and_tokenizer
 from fingrpo.official import tatqa_em_f1
 from fingrpo.rewards import build_rewards, reward_completions
 from fingrpo.scoring import (
+    ROW_METRICS,
     mean_or_zero,
     score_prediction,
     tatqa_gold,
     tatqa_prediction_of,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fingrpo.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,13 @@ def bootstrap_ci(values: Sequence[float], samples: int = 1000, seed: int = 0, le
     return [float(lo), float(hi)]
 
 
-_ROW_METRICS = (
-    ("execution_accuracy", "correct_official"),
-    ("tolerant_accuracy", "correct_tolerant"),
-    ("program_accuracy", "program_correct"),
-    ("format_rate", "format_ok"),
-)
+_ACCURACIES = ("execution_accuracy", "tolerant_accuracy", "program_accuracy", "format_rate")  # every record has them
 
 
 def _metrics(rows: list[dict], samples: int, seed: int) -> dict:
     out: dict[str, Any] = {"n": len(rows)}
-    for name, key in _ROW_METRICS:
+    for name in _ACCURACIES:
+        key = ROW_METRICS[name]
         vals = [float(bool(r[key])) for r in rows]
         out[name] = mean_or_zero(vals) if vals else None
         out[f"{name}_ci"] = bootstrap_ci(vals, samples, seed)
@@ -116,11 +113,13 @@ def _set_metrics(rows: list[dict], cfg: "Config") -> dict:
 SUMMARY_KEYS = ("execution_accuracy", "tolerant_accuracy", "program_accuracy", "format_rate", "reward_total", "n")
 
 
-def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, base_only: bool = False) -> dict:
+def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, base_only: bool = False,
+                         few_shot: Sequence[Any] | None = None) -> dict:
     """Greedy evaluation of the adapter (default ``train.output_dir``) and, with
     ``evaluate.compare_base``, of the base model (adapter disabled) under the same harness, on every
     evaluation set (``data.eval_sets``, :func:`fingrpo.data.sources.eval_sets`), each reported apart.
     ``base_only``: the base model alone, no adapter needed (the baseline table of docs/results.md).
+    ``few_shot``: the worked examples of the prompts (default: the config's, :func:`few_shot_records`).
 
     A record that is in several sets (the FinQA dev random subset is part of FinQA dev) is generated
     once per model. Writes ``evaluate.output_path``::
@@ -143,7 +142,7 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
     adapter_dir = None if base_only else str(adapter_dir or cfg.train.output_dir)
     # config -> data -> model -> generate + score (each distinct record once per model) -> per-set figures -> write
     rewards = build_rewards(cfg.rewards)
-    few_shot = few_shot_records(cfg) or None
+    few_shot = (list(few_shot) if few_shot is not None else few_shot_records(cfg)) or None
     base, tokenizer = load_model_and_tokenizer(cfg.model)
     model = base if base_only else load_adapter(base, adapter_dir)
     model.eval()
@@ -210,6 +209,8 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
         "sets": {f"{es.split}.{es.name}": {"path": es.path, "n": len(members[es.split, es.name]), "subset": es.subset,
                                            "pooled": es.pooled} for es in sets},
         "prompt": f"{cfg.prompt.context_mode}, {cfg.prompt.few_shot}-shot",
+        "context_mode": cfg.prompt.context_mode,
+        "data_md5": data_hash(DATA_POINTER) or "none",  # the data version evaluated (the gate compares like with like)
         "max_records": ecfg.max_records,
     })
     result["summary"] = summary
@@ -218,4 +219,23 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
     return result
 
 
-__all__ = ["bootstrap_ci", "evaluate_from_config"]
+def evaluate_registered(cfg: "Config", adapter_dir: str | Path, serving: dict, output_dir: str | Path) -> tuple[Path, Path]:
+    """Evaluate a registered model version (its downloaded adapter and serving config) on ``cfg``'s
+    evaluation sets, in ``cfg``'s context mode, with the base model, prompt format and worked examples
+    it was trained with; adapter only. What the gate runs to measure the champion on the challenger's
+    records. Returns the eval.json and predictions.jsonl written under ``output_dir``."""
+    output_dir = Path(output_dir)
+    tree = cfg.model_dump(mode="json")
+    tree["model"].update(serving["model"])
+    # its own prompt format, the challenger's context: the set is the challenger's (records, data, context)
+    prompt = {k: v for k, v in serving["prompt"].items() if k in tree["prompt"]}
+    tree["prompt"].update(prompt, context_mode=cfg.prompt.context_mode, retrieved_top_k=cfg.prompt.retrieved_top_k)
+    tree["evaluate"].update(compare_base=False, output_path=str(output_dir / "eval.json"),
+                            predictions_path=str(output_dir / "predictions.jsonl"))
+    champion_cfg = Config.model_validate(tree)
+    few_shot = [FinQARecord.model_validate(r) for r in serving.get("few_shot_records") or []]
+    evaluate_from_config(champion_cfg, adapter_dir=adapter_dir, few_shot=few_shot)
+    return output_dir / "eval.json", output_dir / "predictions.jsonl"
+
+
+__all__ = ["bootstrap_ci", "evaluate_from_config", "evaluate_registered"]

@@ -235,6 +235,18 @@ def plot_stage(cfg: "Config") -> list[Path]:
     return paths
 
 
+def check_new_stage(cfg: "Config", force: bool = False, pull: bool = True) -> dict:
+    """Retraining's first step: ``dvc pull`` the data version ``data.dvc`` names (``pull``), fingerprint
+    the run (data hash, params hash, code hash) and look it up among the registered versions.
+    ``result["new"]`` is False when that fingerprint was already trained (and not ``force``): the caller
+    stops there. Writes ``<pipeline.reports_dir>/lineage.json``.
+    """
+    from fingrpo import lineage
+    from fingrpo.tracking.client import Tracker
+
+    return lineage.check_new(cfg, Tracker(cfg) if cfg.tracking.enabled else None, force=force, pull=pull)
+
+
 def register_stage(cfg: "Config") -> dict:
     """Register the adapter as a new model version; move ``champion`` only if it beats the current one.
 
@@ -243,6 +255,10 @@ def register_stage(cfg: "Config") -> dict:
     """
     if not cfg.tracking.enabled:
         raise ConfigError("register: promotion needs the MLflow registry, but tracking.enabled is false")
+    from fingrpo.evaluate import evaluate_registered
     from fingrpo.tracking import registry
 
-    return registry.register_from_config(cfg)
+    # the gate measures the champion on this run's sets when it was measured on others
+    champion_dir = Path(cfg.pipeline.reports_dir) / "champion_eval"
+    return registry.register_from_config(cfg, evaluate_champion=lambda adapter, serving: evaluate_registered(
+        cfg, adapter, serving, champion_dir))

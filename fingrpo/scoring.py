@@ -315,6 +315,16 @@ def score_prediction(prediction: dict, record: Any, rel_tol: float = 1e-3) -> di
     }
 
 
+# eval.json's per-set accuracies -> the predictions.jsonl row field each is the mean of
+ROW_METRICS = {
+    "execution_accuracy": "correct_official",
+    "tolerant_accuracy": "correct_tolerant",
+    "program_accuracy": "program_correct",
+    "format_rate": "format_ok",
+    "tatqa_exact_match": "tatqa_exact_match",
+}
+
+
 def mean_or_zero(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 

@@ -1,4 +1,6 @@
-"""Scheduled retraining: serve the ``retrain`` flow as a deployment with a cron schedule.
+"""Scheduled retraining: the ``retrain`` flow as a deployment with a cron schedule, either served by
+this process (one machine) or, with ``--pool``, deployed to a Prefect work pool whose workers run it
+(a team: ``flows/team.sh up`` starts a server, a ``process`` pool and a worker).
 
 Needs a running Prefect API (a cron schedule lives on the server). Locally, from the project root::
 
@@ -10,7 +12,16 @@ Needs a running Prefect API (a cron schedule lives on the server). Locally, from
     prefect deployment run 'retrain/scheduled-retrain' --param resume=false
 
 ``serve`` registers the deployment, then polls the server and runs each scheduled (or triggered)
-flow run in a subprocess until stopped (Ctrl-C pauses the schedule on the way out). The cron comes
+flow run in a subprocess until stopped (Ctrl-C pauses the schedule on the way out).
+
+With a work pool (README "Team mode")::
+
+    python flows/deploy.py --pool fingrpo-team --cron "0 3 * * 1"   # registers and exits
+    prefect deployment run 'retrain/scheduled-retrain' --watch
+
+registers the deployment on the pool with this project folder as its code (a worker runs
+``flows/retrain.py:retrain`` with this folder as its working directory, so ``dvc pull`` and
+``params.yaml`` are this project's) and exits; the pool's workers pick up its runs. The cron comes
 from ``--cron``, else ``$FINGRPO_RETRAIN_CRON``, else weekly. Per-run parameters (``params_path``,
 ``overrides``, ``resume``) are the flow's; ``--set`` bakes overrides into the deployment.
 """
@@ -41,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override baked into every scheduled run (repeatable)")
     p.add_argument("--paused", action="store_true", help="register the schedule paused (trigger runs by hand)")
+    p.add_argument("--pool", default=os.environ.get("FINGRPO_POOL"),
+                   help="deploy to this Prefect work pool and exit (its workers run the flow; default: "
+                        "$FINGRPO_POOL, else serve from this process)")
     return p
 
 
@@ -68,12 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
     from prefect.schedules import Cron
 
     from flows.retrain import retrain
 
-    retrain.serve(
+    common = dict(
         name=args.name,
         schedules=[Cron(args.cron, timezone=args.timezone)],
         parameters={"params_path": args.params, "overrides": overrides, "resume": False},
@@ -81,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         tags=["fingrpo", "retrain"],
         description=f"fingrpo scheduled retraining ({args.cron})",
     )
+    if not args.pool:
+        retrain.serve(**common)
+        return 0
+    # the code is this project folder (no image, nothing pushed): a worker on this machine (or one
+    # that mounts the same path) runs the entrypoint with it as the working directory
+    source = retrain.from_source(source=str(root), entrypoint="flows/retrain.py:retrain")
+    deployment_id = source.deploy(work_pool_name=args.pool, print_next_steps=False, **common)
+    print(f"deployed retrain/{args.name} ({deployment_id}) to work pool {args.pool!r}, cron {args.cron!r}; "
+          f"run it now: prefect deployment run 'retrain/{args.name}' --watch")
     return 0
 
 

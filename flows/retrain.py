@@ -1,4 +1,4 @@
-"""Prefect flow ``retrain``: prepare -> validate -> sft -> train -> evaluate -> plot -> register, for scheduled retraining.
+"""Prefect flow ``retrain``: check-new -> prepare -> validate -> sft -> train -> evaluate -> plot -> register, for scheduled retraining.
 
 Each task calls one stage function of :mod:`fingrpo.pipeline` (the same ones ``dvc repro`` runs
 through the ``fingrpo`` CLI) and has no logic of its own. Run it once, in-process::
@@ -12,6 +12,10 @@ through the ``fingrpo`` CLI) and has no logic of its own. Run it once, in-proces
 or on a cron schedule against a Prefect server (``flows/deploy.py``, README "Scheduled retraining").
 
 Why it is shaped like this:
+- ``check-new`` comes first: ``dvc pull`` brings ``data/`` to the version ``data.dvc`` names, then the
+  run's fingerprint (data hash, params hash, code hash: :mod:`fingrpo.lineage`) is looked up among the
+  registered versions; when it was trained already the run ends Completed as "nothing new" (an
+  artifact says so; nothing is trained or registered). ``force=True`` retrains anyway.
 - Bad data ends the run after ``validate`` as a Failed state whose message names the file, rule and
   record (calling the flow raises that ``DataError``); nothing is trained or registered.
 - Promotion is the last task and the tasks are called (not submitted), so any failure raises and
@@ -61,6 +65,11 @@ def _is_transient(task, task_run, state) -> bool:
 _TRACKED = dict(
     cache_policy=NONE, retries=RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_is_transient
 )
+
+
+@task(name="check-new", **_TRACKED)
+def check_new_task(cfg: Config, force: bool = False, pull: bool = True) -> dict:
+    return pipeline.check_new_stage(cfg, force=force, pull=pull)
 
 
 @task(name="prepare", cache_policy=NONE)
@@ -142,22 +151,47 @@ def summary_markdown(train: dict, evaluation: dict, plots: list[str], promotion:
             lines += [f"| {key}.{k} | {v} |" for k, v in value.items() if not isinstance(v, (dict, list))]
         elif not isinstance(value, list):
             lines.append(f"| {key} | {value} |")
+    for side in ("challenger", "champion_figure"):
+        fig = promotion.get("gate", {}).get(side)
+        if isinstance(fig, dict):
+            lines.append(f"| gate {side} | {fig.get('value')} on {fig.get('set')} |")
     lines += ["", "## Plots", ""] + [f"- `{p}`" for p in plots]
     return "\n".join(lines) + "\n"
 
 
+def nothing_new_markdown(lineage: dict) -> str:
+    """The artifact of a run that found nothing new to train."""
+    parts = lineage["parts"]
+    lines = ["# fingrpo retrain: nothing new", "", lineage["reason"], "", "| part | value |", "|---|---|",
+             f"| fingerprint | `{lineage['fingerprint']}` |"]
+    lines += [f"| {k} | `{v}` |" for k, v in parts.items()]
+    lines += [f"| trained as | {lineage['model_name']} v{v['version']} {' '.join(v['aliases'])} |" for v in lineage["trained_as"]]
+    return "\n".join(lines) + "\n\nRun with `force=True` (`--force`) to retrain anyway.\n"
+
+
 @flow(name="retrain", log_prints=True)
-def retrain(params_path: str = "params.yaml", overrides: dict | None = None, resume: bool = False) -> dict:
-    """Prepare the TAT-QA splits (when the config uses them), validate the data, warm-start (sft, when ``train.init_adapter`` is set), train with GRPO, evaluate,
-    plot, and register the adapter (champion if it beats the current one).
+def retrain(params_path: str = "params.yaml", overrides: dict | None = None, resume: bool = False,
+            force: bool = False, pull: bool = True) -> dict:
+    """Bring ``data/`` to the version ``data.dvc`` names and stop as "nothing new" when this data, params
+    and code were already trained (unless ``force``); else prepare the TAT-QA splits (when the config
+    uses them), validate the data, warm-start (sft, when ``train.init_adapter`` is set), train with GRPO,
+    evaluate, plot, and register the adapter (champion only if the gate says so).
 
     ``overrides`` replace params.yaml values for this run: ``{"train.max_steps": 2}`` or nested.
+    ``pull=False`` fingerprints ``data/`` as it is (no ``dvc pull``).
     """
     from prefect.artifacts import create_markdown_artifact
 
     logger = get_run_logger()
     cfg = load_config(params_path, normalize_overrides(overrides))
     logger.info("config: %s", cfg.public_dump())
+
+    lineage = check_new_task(cfg, force=force, pull=pull)
+    logger.info("%s", lineage["reason"])
+    if not lineage["new"]:
+        create_markdown_artifact(markdown=nothing_new_markdown(lineage), key="fingrpo-retrain-summary",
+                                 description="fingrpo retrain: nothing new")
+        return {"status": "nothing new", "lineage": lineage}
 
     if pipeline.needs_prepare(cfg):  # a training source or evaluation set is a prepared TAT-QA file
         prepare_task(cfg)
@@ -182,7 +216,8 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
         key="fingrpo-retrain-summary",
         description="fingrpo retrain: metrics and promotion decision",
     )
-    return {"train": train, "evaluation": evaluation, "plots": plots, "promotion": promotion}
+    return {"status": "trained", "lineage": lineage, "train": train, "evaluation": evaluation, "plots": plots,
+            "promotion": promotion}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,9 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
+    parser.add_argument("--force", action="store_true", help="retrain even if this data, params and code were trained")
+    parser.add_argument("--no-pull", action="store_true", help="use data/ as it is (no `dvc pull data.dvc`)")
     args = parser.parse_args(argv)
     try:
-        retrain(params_path=args.params, overrides=parse_overrides(args.overrides), resume=args.resume)
+        retrain(params_path=args.params, overrides=parse_overrides(args.overrides), resume=args.resume,
+                force=args.force, pull=not args.no_pull)
     except FingrpoError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

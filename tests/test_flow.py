@@ -131,6 +131,32 @@ def test_retrain_flow_writes_every_artifact_and_registers_a_champion(prefect_api
     artifact = Artifact.get("fingrpo-retrain-summary")
     assert artifact is not None
     assert "execution_accuracy" in artifact.data and "promoted" in artifact.data
+    lineage = json.loads((reports / "lineage.json").read_text())
+    assert result["status"] == "trained" and lineage["new"] and lineage["trained_as"] == []
+    version = _client(work["uri"]).get_model_version(MODEL_NAME, "1")
+    assert version.tags["fingrpo.fingerprint"] == lineage["fingerprint"] == promotion["fingerprint"]
+
+
+def test_the_same_data_params_and_code_again_is_nothing_new(prefect_api, work, monkeypatch):
+    """Rerun exactly the first run: it ends Completed as "nothing new" before anything trains; force retrains."""
+    from prefect.artifacts import Artifact
+
+    before = _versions(work["uri"])
+    trained = []
+    monkeypatch.setattr(pipeline, "validate_stage", lambda cfg, files=None: trained.append(1) or 0)
+    result = _run(work["overrides"], pull=False)
+    assert result["status"] == "nothing new" and trained == [] and _versions(work["uri"]) == before
+    assert "already trained into fingrpo-flow-test champion v1" in result["lineage"]["reason"]
+    assert "nothing new" in Artifact.get("fingrpo-retrain-summary").data
+    changed = json.loads(json.dumps(work["overrides"]))
+    changed["train"]["learning_rate"] = 1e-4  # a knob that shapes the model: new
+    monkeypatch.setattr(pipeline, "train_stage", lambda cfg, resume=False: (_ for _ in ()).throw(ModelError("stop here")))
+    with pytest.raises(ModelError, match="stop here"):
+        _run(changed, pull=False)
+    assert trained == [1]
+    changed = json.loads(json.dumps(work["overrides"]))
+    changed["register"]["alpha"] = 0.2  # where results go / how the gate decides: not new
+    assert _run(changed, pull=False)["status"] == "nothing new"
 
 
 def test_a_challenger_that_does_not_beat_the_champion_leaves_it_and_tracking_errors_are_retried(
@@ -150,7 +176,7 @@ def test_a_challenger_that_does_not_beat_the_champion_leaves_it_and_tracking_err
     overrides = json.loads(json.dumps(work["overrides"]))
     overrides["register"]["min_improvement"] = 1.0  # nothing can beat an accuracy by more than 1.0
     overrides["train"]["seed"] = 1
-    result = _run(overrides)
+    result = _run(overrides, pull=False)
 
     assert len(calls) == 2  # failed once, retried once, then succeeded
     assert result["promotion"]["decision"] == "kept"
@@ -169,7 +195,7 @@ def test_a_failing_stage_never_reaches_promotion(prefect_api, work, monkeypatch)
     monkeypatch.setattr(pipeline, "evaluate_stage", broken_evaluate)
     monkeypatch.setattr(pipeline, "register_stage", lambda cfg: promoted.append(cfg) or {})
     with pytest.raises(ModelError, match="simulated"):
-        _run(work["overrides"])
+        _run(work["overrides"], force=True, pull=False)  # the same fingerprint as run 1: forced
     assert promoted == []  # a ModelError is not transient: no retry, and promote never ran
     assert _versions(work["uri"]) == before_versions and _champion(work["uri"]) == before
 
@@ -182,7 +208,7 @@ def test_invalid_data_stops_the_flow_at_validation(prefect_api, work, monkeypatc
     overrides = json.loads(json.dumps(work["overrides"]))
     overrides["data"]["dev_path"] = str(bad)
     with pytest.raises(DataError):
-        _run(overrides)
+        _run(overrides, pull=False)
     assert trained == []
 
 

@@ -67,7 +67,7 @@ class FakeTracking:
             log_plots=lambda cfg, paths: calls.append(("log_plots", list(paths))),
         )
         fake_module(monkeypatch, "fingrpo.tracking.registry",
-                    register_from_config=lambda cfg: calls.append(("promote",)) or {"promoted": True})
+                    register_from_config=lambda cfg, evaluate_champion=None: calls.append(("promote",)) or {"promoted": True})
 
         def train_from_config(cfg, resume=False, callbacks=()):
             calls.append(("train", resume, list(callbacks)))

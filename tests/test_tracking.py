@@ -7,6 +7,7 @@ Every test uses its own SQLite store under tmp_path (``sqlite:////tmp/.../mlflow
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import time
@@ -16,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from fingrpo.config import load_config
-from fingrpo.errors import DataError, TrackingError
+from fingrpo.errors import ConfigError, DataError, TrackingError
 from fingrpo.tracking.client import fluent_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +62,8 @@ def make_cfg(tmp: Path, model_path: Path | str = "bundled:SmolLM2-135M-Instruct"
         "train": {"output_dir": str(tmp / "adapter"), "metrics_path": str(tmp / "train_metrics.csv")},
         "evaluate": {"output_path": str(tmp / "eval.json"), "predictions_path": str(tmp / "predictions.jsonl"),
                      "max_new_tokens": 6, "batch_size": 2},
-        # the gate tests write eval.json by hand in the one-set shape
-        "register": {"output_path": str(tmp / "promotion.json"), "metric": "dev.adapter.execution_accuracy"},
+        # the gate tests write eval.json + predictions.jsonl by hand for one set, "x" (write_evaluation)
+        "register": {"output_path": str(tmp / "promotion.json"), "metric": "dev.x.adapter.execution_accuracy"},
         "tracking": {"tracking_uri": fresh_db(tmp / "mlflow.db"), "run_file": str(tmp / "mlflow_run.json"),
                      "experiment_name": "fingrpo-test", "retry_backoff_s": 0.0},
     }
@@ -441,7 +442,23 @@ def test_run_file_from_another_store_is_an_error(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def _promote(tmp_path, adapter_dir, tiny_model_path, value, **register):
+METRIC = "dev.x.adapter.execution_accuracy"
+
+
+def write_evaluation(eval_path, predictions_path, right: int, n: int = 100, *, first_id: int = 0,
+                     data_md5: str = "data-v1.dir", context_mode: str = "gold") -> None:
+    """What `fingrpo evaluate` writes for the adapter on one set "x": records r<first_id>..r<first_id+n-1>,
+    the first ``right`` of them right."""
+    rows = [{"id": f"r{i}", "dataset": "finqa", "model": "adapter", "split": "dev", "sets": ["x"],
+             "random_subset": True, "correct_official": i - first_id < right} for i in range(first_id, first_id + n)]
+    Path(predictions_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Path(eval_path).write_text(json.dumps({
+        "dev": {"x": {"adapter": {"execution_accuracy": right / n, "n": n}}},
+        "summary": {"sets": {"dev.x": {"pooled": True}}, "data_md5": data_md5, "context_mode": context_mode},
+    }))
+
+
+def _promote(tmp_path, adapter_dir, tiny_model_path, right, n=100, evaluate_champion=None, evaluation=None, **register):
     import shutil
 
     from fingrpo.tracking import MLflowCallback, register_from_config
@@ -452,60 +469,115 @@ def _promote(tmp_path, adapter_dir, tiny_model_path, value, **register):
     cb = MLflowCallback(cfg, log_adapter=False)  # every promotion follows its own training run
     cb.on_train_begin(SimpleNamespace(config=cfg))
     cb.on_train_end({})
-    Path(cfg.evaluate.output_path).write_text(json.dumps({"dev": {"adapter": {"execution_accuracy": value}}}))
-    decision = register_from_config(cfg)
+    write_evaluation(cfg.evaluate.output_path, cfg.evaluate.predictions_path, right, n, **(evaluation or {}))
+    decision = register_from_config(cfg, evaluate_champion=evaluate_champion)
     assert json.loads(Path(cfg.register.output_path).read_text()) == decision
     assert decision["challenger"]["run_id"] == cb.run_id
     return cfg, decision
 
 
 def test_promotion_gate(tmp_path, adapter_dir, tiny_model_path):
-    cfg, d1 = _promote(tmp_path, adapter_dir, tiny_model_path, 0.20)
+    cfg, d1 = _promote(tmp_path, adapter_dir, tiny_model_path, 20)
     assert d1["decision"] == "promoted" and "first version" in d1["reason"]
     assert d1["challenger"] == {"version": "1", "value": 0.20, "run_id": d1["challenger"]["run_id"]}
     assert d1["previous_champion"] == {"version": None, "value": None}
 
-    _, d2 = _promote(tmp_path, adapter_dir, tiny_model_path, 0.30)
+    # the same 100 records, 10 more right: 10 gained, 0 lost, exact McNemar p = 2^-10
+    _, d2 = _promote(tmp_path, adapter_dir, tiny_model_path, 30)
     assert d2["decision"] == "promoted" and d2["champion"]["version"] == "2"
     assert d2["previous_champion"] == {"version": "1", "value": 0.20}
+    cmp = d2["gate"]["comparison"]
+    assert (cmp["gained"], cmp["lost"], cmp["records"], cmp["rule"]) == (10, 0, 100, "mcnemar")
+    assert cmp["p_value"] == pytest.approx(2 ** -10)
+    assert d2["gate"]["challenger"]["set_md5"] == d2["gate"]["champion"]["set_md5"]
+    assert not d2["gate"]["champion_reevaluated"]
 
-    _, d3 = _promote(tmp_path, adapter_dir, tiny_model_path, 0.30)  # equal: not better
-    assert d3["decision"] == "kept" and "does not beat champion v2" in d3["reason"]
+    _, d3 = _promote(tmp_path, adapter_dir, tiny_model_path, 30)  # equal: not better
+    assert d3["decision"] == "kept" and "0 gained, 0 lost" in d3["reason"] and "champion v2" in d3["reason"]
     assert d3["challenger"]["value"] == 0.30 and d3["previous_champion"] == {"version": "2", "value": 0.30}
 
-    _, d4 = _promote(tmp_path, adapter_dir, tiny_model_path, 0.25)  # worse
-    assert d4["decision"] == "kept" and "0.25" in d4["reason"] and "0.3" in d4["reason"]
+    _, d4 = _promote(tmp_path, adapter_dir, tiny_model_path, 25)  # worse
+    assert d4["decision"] == "kept" and "0 gained, 5 lost" in d4["reason"]
 
-    _, d5 = _promote(tmp_path, adapter_dir, tiny_model_path, 0.35, min_improvement=0.1)  # better, not enough
-    assert d5["decision"] == "kept" and "by more than 0.1" in d5["reason"]
+    _, d5 = _promote(tmp_path, adapter_dir, tiny_model_path, 33)  # better, by 3 records: p = 1/8
+    assert d5["decision"] == "kept" and "not significant at alpha=0.05" in d5["reason"]
+    _, d5b = _promote(tmp_path, adapter_dir, tiny_model_path, 35, min_improvement=0.1)  # better, not enough
+    assert d5b["decision"] == "kept" and "by more than 0.1" in d5b["reason"]
 
-    _, d6 = _promote(tmp_path, adapter_dir, tiny_model_path, 0.41, min_improvement=0.1)
+    _, d6 = _promote(tmp_path, adapter_dir, tiny_model_path, 41, min_improvement=0.1)
     assert d6["decision"] == "promoted" and d6["previous_champion"]["version"] == "2"
+    _, d7 = _promote(tmp_path, adapter_dir, tiny_model_path, 43, rule="gained_minus_lost")  # +2: no test asked
+    assert d7["decision"] == "promoted" and d7["gate"]["comparison"]["gained"] == 2
 
     client = _client(cfg)
-    assert str(client.get_model_version_by_alias("fingrpo-finqa", "champion").version) == "6"
-    assert str(client.get_model_version_by_alias("fingrpo-finqa", "challenger").version) == "6"
+    assert str(client.get_model_version_by_alias("fingrpo-finqa", "champion").version) == "8"
+    assert str(client.get_model_version_by_alias("fingrpo-finqa", "challenger").version) == "8"
     v4 = client.get_model_version("fingrpo-finqa", "4")
-    assert v4.tags["fingrpo.gate_metric"] == "dev.adapter.execution_accuracy"
+    assert v4.tags["fingrpo.gate_metric"] == METRIC
     assert float(v4.tags["fingrpo.gate_metric_value"]) == 0.25
+    assert v4.tags["fingrpo.gate_set_n"] == "100" and v4.tags["fingrpo.gate_data_md5"] == "data-v1.dir"
+    assert v4.tags["fingrpo.gate_context_mode"] == "gold" and v4.tags["fingrpo.gate_decision"] == "kept"
+    assert v4.tags["fingrpo.gate_compared_with"] == "v2" and v4.tags["fingrpo.gate_lost"] == "5"
     assert v4.tags["fingrpo.git_commit"] == _git_head()
     assert v4.tags["fingrpo.data_md5"].endswith(".dir")
+    assert v4.tags["fingrpo.fingerprint.data"] == v4.tags["fingrpo.data_md5"] and len(v4.tags["fingrpo.fingerprint"]) == 32
     assert json.loads(v4.tags["fingrpo.params"])["model"]["name_or_path"] == str(tiny_model_path)
     run = client.get_run(v4.run_id)
     assert run.data.tags["fingrpo.promotion"] == "kept"
+    assert run.data.tags["fingrpo.fingerprint"] == v4.tags["fingrpo.fingerprint"]
+
+
+def test_a_challenger_on_a_smaller_set_never_wins_on_that_comparison(tmp_path, adapter_dir, tiny_model_path):
+    """1 right of 4 records (0.25) against a champion measured at 0.11 on 457: not the same set, so not
+    compared (kept); re-evaluated on the challenger's 4 records, 1 gained / 0 lost is p = 0.5 (kept)."""
+    _, d1 = _promote(tmp_path, adapter_dir, tiny_model_path, 50, n=457)
+    assert d1["decision"] == "promoted" and d1["challenger"]["value"] == pytest.approx(50 / 457)
+
+    small = {"first_id": 1000, "data_md5": "data-v2.dir"}  # a scheduled run's 4 records of another data version
+    _, d2 = _promote(tmp_path, adapter_dir, tiny_model_path, 1, n=4, evaluation=small)
+    assert d2["decision"] == "kept" and "not the same evaluation set" in d2["reason"]
+    assert d2["gate"]["challenger"]["n"] == 4 and d2["gate"]["champion"]["n"] == 457
+    assert d2["champion"]["version"] == "1"
+
+    seen = []
+
+    def evaluate_champion(adapter, serving):  # what pipeline.register_stage passes: the champion on the challenger's set
+        seen.append(((adapter / "adapter_config.json").is_file(), serving["model"]["name_or_path"]))
+        out = tmp_path / "champion_eval"
+        out.mkdir(exist_ok=True)
+        write_evaluation(out / "eval.json", out / "predictions.jsonl", 0, 4, **small)
+        return out / "eval.json", out / "predictions.jsonl"
+
+    _, d3 = _promote(tmp_path, adapter_dir, tiny_model_path, 1, n=4, evaluation=small, evaluate_champion=evaluate_champion)
+    assert seen == [(True, str(tiny_model_path))]  # the champion's own adapter and serving config
+    assert d3["decision"] == "kept" and d3["gate"]["champion_reevaluated"]
+    assert "re-evaluated" in d3["reason"] and "1 gained, 0 lost" in d3["reason"] and "not significant" in d3["reason"]
+    assert d3["gate"]["champion"]["n"] == 4 and d3["gate"]["champion_as_registered"]["n"] == 457
+    assert d3["previous_champion"] == {"version": "1", "value": 0.0}
 
 
 def test_gate_reads_an_untagged_champion_from_its_run(tmp_path, adapter_dir, tiny_model_path):
-    """A champion registered by hand (no gate tags): its run's metric counts; with neither, it is kept."""
-    cfg, d1 = _promote(tmp_path, adapter_dir, tiny_model_path, 0.5)
+    """A champion registered by hand (no gate tags): kept (nothing to compare with); with its run's
+    metric but no set it is still not compared, until it is re-evaluated on the challenger's set."""
+    cfg, d1 = _promote(tmp_path, adapter_dir, tiny_model_path, 50)
     client = _client(cfg)
-    for key in ("fingrpo.gate_metric", "fingrpo.gate_metric_value"):
+    for key in ("fingrpo.gate_metric", "fingrpo.gate_metric_value", "fingrpo.gate_set_md5"):
         client.delete_model_version_tag("fingrpo-finqa", "1", key)
-    _, d2 = _promote(tmp_path, adapter_dir, tiny_model_path, 0.9)
-    assert d2["decision"] == "kept" and "v1 has no recorded dev.adapter.execution_accuracy" in d2["reason"]
-    client.log_metric(d1["challenger"]["run_id"], "dev.adapter.execution_accuracy", 0.5)
-    _, d3 = _promote(tmp_path, adapter_dir, tiny_model_path, 0.6)
-    assert d3["decision"] == "promoted" and d3["previous_champion"] == {"version": "1", "value": 0.5}
+    _, d2 = _promote(tmp_path, adapter_dir, tiny_model_path, 90)
+    assert d2["decision"] == "kept" and f"v1 has no recorded {METRIC}" in d2["reason"]
+    client.log_metric(d1["challenger"]["run_id"], METRIC, 0.5)
+    _, d3 = _promote(tmp_path, adapter_dir, tiny_model_path, 60)
+    assert d3["decision"] == "kept" and "not the same evaluation set" in d3["reason"]
+
+    def evaluate_champion(adapter, serving):
+        out = tmp_path / "champion_eval"
+        out.mkdir(exist_ok=True)
+        write_evaluation(out / "eval.json", out / "predictions.jsonl", 50)
+        return out / "eval.json", out / "predictions.jsonl"
+
+    _, d4 = _promote(tmp_path, adapter_dir, tiny_model_path, 60, evaluate_champion=evaluate_champion)
+    assert d4["decision"] == "promoted" and d4["previous_champion"] == {"version": "1", "value": 0.5}
+    assert "10 gained, 0 lost" in d4["reason"]
 
 
 def test_promotion_needs_the_metric_and_the_adapter(tmp_path, adapter_dir, tiny_model_path):
@@ -515,10 +587,17 @@ def test_promotion_needs_the_metric_and_the_adapter(tmp_path, adapter_dir, tiny_
     from fingrpo.tracking import register_from_config
 
     cfg = make_cfg(tmp_path, model_path=tiny_model_path)
-    Path(cfg.evaluate.output_path).write_text(json.dumps({"dev": {"adapter": {"program_accuracy": 0.1}}}))
-    with pytest.raises(DataError, match=r"eval.json: register.metric 'dev.adapter.execution_accuracy' not found"):
+    Path(cfg.evaluate.output_path).write_text(json.dumps({"dev": {"x": {"adapter": {"program_accuracy": 0.1}}}}))
+    with pytest.raises(DataError, match=rf"eval.json: register.metric '{METRIC}' not found"):
         register_from_config(cfg)
-    Path(cfg.evaluate.output_path).write_text(json.dumps({"dev": {"adapter": {"execution_accuracy": 0.1}}}))
+    write_evaluation(cfg.evaluate.output_path, cfg.evaluate.predictions_path, 10)
+    Path(cfg.evaluate.predictions_path).unlink()
+    with pytest.raises(DataError, match="predictions.jsonl: the per-record predictions of .* are missing"):
+        register_from_config(cfg)
+    write_evaluation(cfg.evaluate.output_path, cfg.evaluate.predictions_path, 10)
+    with pytest.raises(ConfigError, match="register.metric 'dev.adapter.execution_accuracy': expected <split>.<set>.<model>"):
+        register_from_config(make_cfg(tmp_path, model_path=tiny_model_path,
+                                      register={"metric": "dev.adapter.execution_accuracy"}))
     with pytest.raises(ModelError, match="adapter"):
         register_from_config(cfg)
     shutil.copytree(adapter_dir, cfg.train.output_dir)
@@ -553,7 +632,7 @@ def test_serving_config_follows_the_trained_config(tmp_path, data_dir):
 
 @pytest.fixture
 def champion(tmp_path, adapter_dir, tiny_model_path):
-    cfg, decision = _promote(tmp_path, adapter_dir, tiny_model_path, 0.5)
+    cfg, decision = _promote(tmp_path, adapter_dir, tiny_model_path, 50)
     assert decision["decision"] == "promoted"
     return cfg
 
@@ -634,32 +713,72 @@ def test_pyfunc_value_is_the_executed_program(monkeypatch, champion, data_dir):
 # ------------------------------------------------------------------------------------------------
 
 
-def _decide(challenger, champion, champion_version="3", margin=0.0):
+def _fig(right, n=100, set_md5="s", data_md5="d", context="gold", first=0):
+    from fingrpo.tracking.registry import GateFigure
+
+    return GateFigure(right / n, n, set_md5, data_md5, context, {f"r{first + i}": float(i < right) for i in range(n)})
+
+
+def _decide(challenger, champion, champion_version="3", margin=0.0, rule="mcnemar", alpha=0.05):
     from fingrpo.tracking.registry import decide_promotion
 
-    return decide_promotion(challenger, champion, metric="dev.pooled.adapter.execution_accuracy",
-                            min_improvement=margin, name="fingrpo-finqa", version="4",
+    return decide_promotion(challenger, champion, metric="dev.pooled.adapter.execution_accuracy", rule=rule,
+                            alpha=alpha, min_improvement=margin, name="fingrpo-finqa", version="4",
                             champion_version=champion_version)
 
 
 def test_decide_promotion_first_version_becomes_champion():
-    d = _decide(0.0, None, champion_version=None)
+    d = _decide(_fig(0), None, champion_version=None)
     assert d.promote and "first version" in d.reason
 
 
-def test_decide_promotion_needs_to_beat_the_champion_by_more_than_the_margin():
-    assert _decide(0.31, 0.30).promote
-    assert not _decide(0.30, 0.30).promote  # a tie keeps the champion
-    assert not _decide(0.29, 0.30).promote
-    assert not _decide(0.32, 0.30, margin=0.05).promote and _decide(0.36, 0.30, margin=0.05).promote
-    assert "does not beat champion v3" in _decide(0.29, 0.30).reason
+def test_decide_promotion_is_paired_on_the_same_records():
+    assert _decide(_fig(40), _fig(30)).promote  # 10 gained, 0 lost: p = 2^-10
+    assert not _decide(_fig(30), _fig(30)).promote  # a tie keeps the champion
+    assert not _decide(_fig(29), _fig(30)).promote
+    assert "0 gained, 1 lost" in _decide(_fig(29), _fig(30)).reason and "champion v3" in _decide(_fig(29), _fig(30)).reason
+    three = _decide(_fig(33), _fig(30))  # +3 records: one-sided exact p = 1/8
+    assert not three.promote and three.comparison["p_value"] == pytest.approx(1 / 8) and "not significant" in three.reason
+    assert _decide(_fig(33), _fig(30), alpha=0.2).promote and _decide(_fig(33), _fig(30), rule="gained_minus_lost").promote
+    assert not _decide(_fig(40), _fig(30), margin=0.1).promote and _decide(_fig(41), _fig(30), margin=0.1).promote
+
+
+def test_decide_promotion_counts_gains_and_losses_not_the_difference_of_means():
+    """Same accuracy, different records: 10 gained and 10 lost is no improvement."""
+    from fingrpo.tracking.registry import GateFigure
+
+    champ = _fig(30)
+    shifted = GateFigure(0.30, 100, "s", "d", "gold", {f"r{i}": float(10 <= i < 40) for i in range(100)})
+    d = _decide(shifted, champ)
+    assert not d.promote and (d.comparison["gained"], d.comparison["lost"]) == (10, 10)
+
+
+def test_decide_promotion_never_compares_different_sets():
+    """A 4-record challenger at 1/4 against a champion at 0.11 on 457 records: not compared."""
+    small, big = _fig(1, n=4, set_md5="four"), _fig(50, n=457, set_md5="all")
+    d = _decide(small, big)
+    assert not d.promote and "not the same evaluation set" in d.reason and "4 records" in d.reason and "457 records" in d.reason
+    assert not _decide(_fig(90, data_md5="v2"), _fig(10, data_md5="v1")).promote  # another data version
+    assert not _decide(_fig(90, context="retrieved"), _fig(10, context="gold")).promote  # another context
+    assert not _decide(_fig(90), _fig(10, first=100)).promote  # same label, other records: no outcomes to pair
+
+
+def test_mcnemar_p_is_the_exact_one_sided_binomial_tail():
+    from fingrpo.tracking.registry import mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(1, 0) == 0.5 and mcnemar_p(4, 0) == 1 / 16
+    assert mcnemar_p(15, 13) == pytest.approx(sum(math.comb(28, k) for k in range(15, 29)) / 2 ** 28)
+    assert mcnemar_p(3, 5) > 0.5
 
 
 def test_decide_promotion_refuses_a_non_finite_challenger_and_a_champion_without_the_metric():
-    assert not _decide(float("nan"), 0.1).promote and "not finite" in _decide(float("nan"), 0.1).reason
-    kept = _decide(0.9, None)  # the champion has no value of this metric (the metric was renamed)
+    from fingrpo.tracking.registry import GateFigure
+
+    nan = GateFigure(float("nan"), 1, "s", "d", "gold", {"r0": 0.0})
+    assert not _decide(nan, _fig(10)).promote and "not finite" in _decide(nan, _fig(10)).reason
+    kept = _decide(_fig(90), None)  # the champion has no value of this metric (the metric was renamed)
     assert not kept.promote and "promote by hand" in kept.reason
-    assert not _decide(0.9, 0.1, champion_version="4").promote  # already the champion
+    assert not _decide(_fig(90), _fig(10), champion_version="4").promote  # already the champion
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -21,6 +19,7 @@ from fingrpo import __version__
 from fingrpo.config import dotted_items, redact_uri
 from fingrpo.errors import DataError, TrackingError
 from fingrpo.io import read_json, write_json_atomic
+from fingrpo.lineage import data_hash, file_md5, git_info
 from fingrpo.tracking.client import MAX_PARAM_LEN, Tracker, check_tracking, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,52 +30,6 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 # Provenance tags
 # --------------------------------------------------------------------------------------------------
-
-
-def _git(*args: str, cwd: str | os.PathLike | None = None) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "--no-optional-locks", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def git_info(cwd: str | os.PathLike | None = None) -> dict[str, str]:
-    """``{"commit": <sha or "unknown">, "dirty": "true"/"false"/"unknown"}`` of the repository at ``cwd``.
-
-    Read-only (``--no-optional-locks``: not even the index is refreshed). Untracked files don't count
-    as dirty; modified tracked files do.
-    """
-    commit = _git("rev-parse", "HEAD", cwd=cwd)
-    status = _git("status", "--porcelain", "--untracked-files=no", cwd=cwd) if commit else None
-    return {
-        "commit": commit or "unknown",
-        "dirty": "unknown" if status is None else ("true" if status else "false"),
-    }
-
-
-def data_hash(dvc_file: str | os.PathLike = "data.dvc") -> str | None:
-    """The ``md5`` of the first ``outs`` entry of a ``.dvc`` pointer (``ec76a117...dir``), or None if absent."""
-    import yaml
-
-    path = Path(dvc_file)
-    if not path.is_file():
-        return None
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        return str(doc["outs"][0]["md5"])
-    except (yaml.YAMLError, KeyError, IndexError, TypeError):
-        raise DataError(f"{path}: not a DVC pointer file (outs[0].md5 missing)") from None
-
-
-def file_md5(path: str | os.PathLike) -> str | None:
-    """md5 of a file's bytes (``dvc.lock``), or None if it does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    return hashlib.md5(path.read_bytes()).hexdigest()  # noqa: S324 - a content fingerprint, not security
 
 
 def provenance_tags(root: str | os.PathLike = ".") -> dict[str, str]:
