@@ -175,6 +175,10 @@ class TrainConfig(_Section):
     init_adapter: str | None = Field(
         None, description="start from this LoRA adapter folder (the sft stage's output) instead of a fresh LoRA"
     )
+    launcher: str | None = Field(
+        None, description="run the train stage under this launcher, e.g. 'accelerate launch --num_processes 4' or "
+        "'torchrun --nproc_per_node 4' (None: in this process); used by `fingrpo train` and the flow's train task",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -326,6 +330,19 @@ def redact_uri(uri: str | None) -> str | None:
     if netloc == parts.netloc and query == parts.query:
         return uri  # unchanged (urlunsplit would also turn sqlite:///x.db into sqlite:/x.db)
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced (an error message that quotes the
+    request URL, a log line).
+
+    >>> redact_text("API request to http://team:s3cret@127.0.0.1:5000/api/2.0/x failed")
+    'API request to http://***@127.0.0.1:5000/api/2.0/x failed'
+    """
+    return _USERINFO.sub(r"\1***@", text)
 
 
 # ----------------------------------------------------------------------------- dotted keys <-> nested dicts

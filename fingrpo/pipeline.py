@@ -28,14 +28,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shlex
 import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from fingrpo.data.sources import data_files
-from fingrpo.errors import ConfigError, DataError
-from fingrpo.io import write_json_atomic
+from fingrpo.errors import ConfigError, DataError, TrainingError
+from fingrpo.io import read_json, write_json_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from fingrpo.config import Config
@@ -190,7 +194,13 @@ def train_stage(cfg: "Config", resume: bool = False, callbacks: Sequence[Any] = 
     summary is also written to ``pipeline.train_summary_path`` (a ``dvc metrics`` file). Without
     ``resume`` the previous run's checkpoints are removed first (:func:`clear_checkpoints`). ``callbacks``:
     more trainer callbacks (:class:`fingrpo.grpo.trainer.TrainerCallback`), after the MLflow one.
+
+    With ``train.launcher`` (``accelerate launch --num_processes 4``, ``torchrun --nproc_per_node 4``) and
+    not already inside a launched process, the stage runs as ``<launcher> -m fingrpo train`` on this
+    config instead (:func:`launch_train`): one process per device, and the summary is read back.
     """
+    if cfg.train.launcher and "LOCAL_RANK" not in os.environ:
+        return launch_train(cfg, resume=resume)
     from fingrpo.grpo import checkpoint, trainer
 
     callbacks = list(callbacks)
@@ -208,6 +218,28 @@ def train_stage(cfg: "Config", resume: bool = False, callbacks: Sequence[Any] = 
     metrics.setdefault("wall_seconds", round(time.perf_counter() - started, 3))
     write_json_atomic(cfg.pipeline.train_summary_path, metrics)
     return summary
+
+
+def launch_train(cfg: "Config", resume: bool = False) -> dict:
+    """``<train.launcher> -m fingrpo train --params <this config>``: the resolved config goes to a private
+    temp file (launched processes read exactly what this one resolved); returns the summary the main
+    process wrote to ``pipeline.train_summary_path``. The processes' output (progress bars) goes to this
+    process's terminal; a failed launch is a :class:`TrainingError`."""
+    import yaml
+
+    cmd = shlex.split(cfg.train.launcher or "") + ["-m", "fingrpo", "train"] + (["--resume"] if resume else [])
+    with tempfile.TemporaryDirectory(prefix="fingrpo-launch-") as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        params.chmod(0o600)
+        log.info("train: %s", " ".join(cmd))
+        try:
+            code = subprocess.run(cmd + ["--params", str(params)]).returncode
+        except OSError as e:
+            raise TrainingError(f"train.launcher {cfg.train.launcher!r}: cannot start it ({e})") from None
+    if code != 0:
+        raise TrainingError(f"train.launcher {cfg.train.launcher!r} exited {code} (its output is above)")
+    return read_json(cfg.pipeline.train_summary_path)
 
 
 def evaluate_stage(cfg: "Config", adapter_dir: str | None = None, base_only: bool = False) -> dict:

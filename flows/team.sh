@@ -73,14 +73,15 @@ stop_group() {  # NAME: SIGTERM its process group, SIGKILL after 20 s
 }
 
 as_pg() {  # run a PostgreSQL server binary; initdb/pg_ctl refuse root, so root runs them as `postgres`
-  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+  # (from / : the postgres user may not be able to enter the caller's folder)
+  if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 local_pg_up() {
   [ -x "$PG_BIN/initdb" ] || die "PostgreSQL's server binaries are missing: \`make postgres\` (Debian: apt-get install postgresql), or set FINGRPO_PG_URL"
   local data
   data=$(cat "$TEAM/pgdata" 2>/dev/null || true)
-  if [ -z "$data" ] || [ ! -f "$data/PG_VERSION" ]; then
+  if [ -z "$data" ] || [ ! -f "$data/db/PG_VERSION" ]; then
     # a folder the postgres user can reach (a root-owned 700 parent would lock it out)
     data=$(mktemp -d /tmp/fingrpo-pg.XXXXXX)
     "$PY" -c 'import secrets; print(secrets.token_urlsafe(18))' >"$data/.pw"

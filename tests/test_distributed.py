@@ -45,3 +45,32 @@ def test_torchrun_two_processes_identical_weights(tmp_path, tiny_model_path):
     assert len((out / "metrics.csv").read_text().strip().splitlines()) == 1 + 3
     rows = [json.loads(x) for x in (out / "rollout.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(len(r["total"]) == 4 * 4 for r in rows)
+
+
+@pytest.mark.slow
+def test_train_launcher_runs_the_train_stage_in_two_processes(tmp_path, tiny_model_path, data_dir):
+    """``train.launcher``: the stage re-runs itself as ``<launcher> -m fingrpo train`` on the resolved
+    config (what the flow's train task and ``fingrpo train`` do on a multi-GPU worker)."""
+    from fingrpo import pipeline
+    from fingrpo.config import load_config
+
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(json.loads((data_dir / "train.json").read_text())[:8]))
+    cfg = load_config(None, {
+        "data": {"train_path": str(train), "train_sources": None, "eval_sets": None,
+                 "provenance_path": str(data_dir / "provenance.json")},
+        "model": {"name_or_path": str(tiny_model_path)},
+        "prompt": {"few_shot": 0, "max_prompt_tokens": 256},
+        "train": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 6, "warmup_steps": 0,
+                  "save_interval": 10, "eval_interval": 10, "output_dir": str(tmp_path / "adapter"),
+                  "checkpoint_dir": str(tmp_path / "ckpt"), "metrics_path": str(tmp_path / "metrics.csv"),
+                  "rollout_rewards_path": str(tmp_path / "rollouts.jsonl"),
+                  "launcher": f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"},
+        "tracking": {"enabled": False},
+        "pipeline": {"train_summary_path": str(tmp_path / "train.json.summary"), "reports_dir": str(tmp_path)},
+    })
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    summary = pipeline.train_stage(cfg)
+    assert summary["num_processes"] == 2 and summary["steps"] == 2
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert len((tmp_path / "metrics.csv").read_text().strip().splitlines()) == 1 + 2  # the main process wrote

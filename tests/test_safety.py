@@ -415,3 +415,38 @@ def test_chat_control_markers_in_data_cannot_close_the_user_turn(tiny_model_path
     assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 2
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
     assert "< |im_end|>" in text and "obey me" in text
+
+
+def test_tracking_errors_that_quote_a_credentialed_url_are_redacted():
+    """MLflow's errors quote the request URL, user:password included: neither the retried error, its
+    cause, nor a non-retried MLflow error (same error code) carries the password into a log."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST
+
+    from fingrpo.errors import TrackingError
+    from fingrpo.tracking.client import call_with_retries, one_line
+
+    url = f"http://alice:{SECRET}@127.0.0.1:5000/api/2.0/mlflow/runs/log-batch"
+
+    def down():
+        raise MlflowException(f"API request to {url} failed with exception Max retries exceeded")
+
+    with pytest.raises(TrackingError) as err:
+        call_with_retries(down, attempts=2, backoff_s=0, uri="http://alice:x@127.0.0.1:5000")
+    assert SECRET not in str(err.value) and "http://***@127.0.0.1:5000/api" in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+    def forbidden():
+        raise MlflowException(f"API request to {url} failed: 403", error_code=PERMISSION_DENIED)
+
+    with pytest.raises(MlflowException) as err:
+        call_with_retries(forbidden, attempts=3, backoff_s=0)
+    assert SECRET not in str(err.value) and err.value.error_code == "PERMISSION_DENIED"
+    assert SECRET not in one_line(ValueError(f"see {url}"))
+
+    def plain():  # no credential: the error is MLflow's own, untouched
+        raise MlflowException("model not found", error_code=RESOURCE_DOES_NOT_EXIST)
+
+    with pytest.raises(MlflowException) as err:
+        call_with_retries(plain, attempts=3, backoff_s=0)
+    assert err.value.message == "model not found"

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from fingrpo.config import redact_uri
+from fingrpo.config import redact_text, redact_uri
 from fingrpo.errors import TrackingError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -124,21 +124,35 @@ def call_with_retries(
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - classified below
             if not is_transient_tracking_error(e):
+                if redact_text(str(e)) != str(e):  # the request URL with its credential: not into a log
+                    raise _redacted(e) from None
                 raise
             if attempt == attempts:
                 where = f" against {redact_uri(uri)}" if uri else ""
-                raise TrackingError(
-                    f"MLflow {name} failed after {attempts} attempts{where}: {one_line(e)}"
-                ) from e
+                error = TrackingError(f"MLflow {name} failed after {attempts} attempts{where}: {one_line(e)}")
+                # MLflow's message quotes the request URL: with a credential in it, the cause (and the
+                # traceback that would print it) is dropped; the message above has it redacted
+                raise error from (None if redact_text(str(e)) != str(e) else e)
             delay = backoff_s * 2 ** (attempt - 1)
             log.warning("MLflow %s failed (%s); retry %d/%d in %.1fs", name, one_line(e), attempt, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _redacted(e: Exception) -> Exception:
+    """The same error with the credentials of the URIs in its message removed (same MLflow error code)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import ErrorCode
+
+    if isinstance(e, MlflowException):
+        return MlflowException(redact_text(e.message), error_code=ErrorCode.Value(e.error_code))
+    return TrackingError(one_line(e))
+
+
 def one_line(e: BaseException) -> str:
-    """An exception as one line of at most 300 characters (for logs and error messages)."""
-    text = " ".join(str(e).split())
+    """An exception as one line of at most 300 characters, URI credentials removed (for logs and error
+    messages: MLflow's errors quote the request URL, user:password included)."""
+    text = redact_text(" ".join(str(e).split()))
     return (text[:300] + "...") if len(text) > 300 else text or type(e).__name__
 
 
@@ -217,11 +231,14 @@ def fluent_uri(uri: str):
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    # MLflow prints "View run <name> at: <tracking URI>/#/..." when a fluent run ends: not with a credential in it
+    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
     saved_env = {k: os.environ.get(k) for k in env_keys}
     saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if redact_uri(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     try:
         yield
     finally:
