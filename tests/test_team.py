@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_serve import _post, _wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -358,9 +359,6 @@ def test_mlflow_killed_for_good_fails_the_run_before_promotion(team):
 
 def test_the_champion_answers_through_mlflow_models_serve_from_the_team_server(team):
     """`mlflow models serve -m models:/fingrpo-finqa@champion` against the team's MLflow server."""
-    import urllib.error
-    import urllib.request
-
     rec = json.loads((team.project / "data" / "finqa" / "dev.json").read_text())[0]
     port = _free_port()
     log = team.dir / "models-serve.log"
@@ -370,29 +368,11 @@ def test_the_champion_answers_through_mlflow_models_serve_from_the_team_server(t
                                 cwd=team.project, env=team.env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
-    def post(rows):
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                     data=json.dumps({"dataframe_records": rows}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+        _wait_http(f"http://127.0.0.1:{port}/ping", proc, log, timeout=240)
         row = {"id": rec["id"], "question": rec["qa"]["question"], "pre_text": rec["pre_text"],
                "post_text": rec["post_text"], "table": rec["table"], "gold_inds": rec["qa"]["gold_inds"]}
-        ok, bad = post([row]), post([{"question": 5}])
+        ok, bad = _post(port, [row]), _post(port, [{"question": 5}])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
