@@ -5,7 +5,8 @@ find whether a registered model version was already trained from the same finger
 
 A run's **fingerprint** is the md5 of three parts, each also kept as a tag:
 
-- ``data``: the md5 that ``data.dvc`` names (the version of ``data/``, ``ec76a117...dir``);
+- ``data``: the md5 that ``data.dvc`` names (the version of ``data/``, ``ec76a117...dir``); in a folder
+  without a pointer, ``files:<md5>`` of the configured data files' bytes;
 - ``params``: the md5 of the resolved config without the sections that only say where results go
   (``tracking``, ``register``, ``pipeline``): changing the MLflow server or the gate's rule retrains nothing;
 - ``code``: the md5 of the fingrpo package's source files as they are on disk, so an uncommitted edit
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import fingrpo
+from fingrpo.data.sources import data_files
 from fingrpo.errors import DataError
 from fingrpo.io import write_json_atomic
 
@@ -140,15 +142,20 @@ def code_md5(package_dir: str | Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(cfg: "Config", root: str | Path = ".", pointer: str = DATA_POINTER) -> Fingerprint:
-    """The run's fingerprint: ``<root>/<pointer>``'s hash, the params hash, the code hash.
+def files_md5(paths: list[str | Path]) -> str:
+    """md5 over the files' paths and bytes (a missing file counts as missing)."""
+    digest = hashlib.md5()  # noqa: S324 - fingerprint
+    for path in map(Path, paths):
+        digest.update(str(path).encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<missing>") + b"\0")
+    return digest.hexdigest()
 
-    A project without a data pointer fingerprints ``data: "none"`` (it can still say "nothing new"
-    while params and code are unchanged).
-    """
+
+def fingerprint(cfg: "Config", root: str | Path = ".", pointer: str = DATA_POINTER) -> Fingerprint:
+    """The run's fingerprint: ``<root>/<pointer>``'s hash (without one: ``files:`` + the md5 of the
+    config's data files), the params hash, the code hash."""
     root = Path(root)
-    return Fingerprint(data=data_hash(root / pointer) or "none", params=params_md5(cfg), code=code_md5(),
-                       git_commit=git_info(root)["commit"])
+    data = data_hash(root / pointer) or "files:" + files_md5([root / f for f in data_files(cfg)])
+    return Fingerprint(data=data, params=params_md5(cfg), code=code_md5(), git_commit=git_info(root)["commit"])
 
 
 def pull_data(root: str | Path = ".", pointer: str = DATA_POINTER, timeout_s: float = 1800) -> None:

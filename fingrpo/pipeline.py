@@ -267,6 +267,19 @@ def plot_stage(cfg: "Config") -> list[Path]:
     return paths
 
 
+def pull_stage(cfg: "Config", root: str | Path = ".") -> dict:
+    """``dvc pull data.dvc`` in ``root``: ``data/`` becomes the version the committed pointer names. A
+    folder without a pointer (data given by path, no DVC) is left as it is. Returns what happened."""
+    from fingrpo import lineage
+
+    pointer = Path(root) / lineage.DATA_POINTER
+    if not pointer.is_file():
+        log.warning("no %s here: data is used as it is (no dvc pull)", pointer)
+        return {"pulled": False, "pointer": None}
+    lineage.pull_data(root)
+    return {"pulled": True, "pointer": str(pointer), "data_md5": lineage.data_hash(pointer)}
+
+
 def check_new_stage(cfg: "Config", force: bool = False, pull: bool = True) -> dict:
     """Retraining's first step: ``dvc pull`` the data version ``data.dvc`` names (``pull``), fingerprint
     the run (data hash, params hash, code hash) and look it up among the registered versions.

@@ -1,4 +1,4 @@
-"""Prefect flow ``retrain``: check-new -> prepare -> validate -> sft -> train -> evaluate -> plot -> register, for scheduled retraining.
+"""Prefect flow ``retrain``: pull -> prepare -> validate -> check-new -> sft -> train -> evaluate -> plot -> register, for scheduled retraining.
 
 Each task calls one stage function of :mod:`fingrpo.pipeline` (the same ones ``dvc repro`` runs
 through the ``fingrpo`` CLI) and has no logic of its own. Run it once, in-process::
@@ -12,10 +12,12 @@ through the ``fingrpo`` CLI) and has no logic of its own. Run it once, in-proces
 or on a cron schedule against a Prefect server (``flows/deploy.py``, README "Scheduled retraining").
 
 Why it is shaped like this:
-- ``check-new`` comes first: ``dvc pull`` brings ``data/`` to the version ``data.dvc`` names, then the
-  run's fingerprint (data hash, params hash, code hash: :mod:`fingrpo.lineage`) is looked up among the
-  registered versions; when it was trained already the run ends Completed as "nothing new" (an
-  artifact says so; nothing is trained or registered). ``force=True`` retrains anyway.
+- ``pull`` comes first (``dvc pull`` brings ``data/`` to the version ``data.dvc`` names), then the data
+  is prepared and validated, then ``check-new`` looks the run's fingerprint (data hash, params hash,
+  code hash: :mod:`fingrpo.lineage`) up among the registered versions: when it was trained already the
+  run ends Completed as "nothing new" (an artifact says so; nothing is trained or registered).
+  ``force=True`` retrains anyway. Validation comes before the lookup so bad data is reported (and
+  nothing else written) whatever the registry holds.
 - Bad data ends the run after ``validate`` as a Failed state whose message names the file, rule and
   record (calling the flow raises that ``DataError``); nothing is trained or registered.
 - Promotion is the last task and the tasks are called (not submitted), so any failure raises and
@@ -65,6 +67,11 @@ def _is_transient(task, task_run, state) -> bool:
 _TRACKED = dict(
     cache_policy=NONE, retries=RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_is_transient
 )
+
+
+@task(name="pull", cache_policy=NONE)
+def pull_task(cfg: Config) -> dict:
+    return pipeline.pull_stage(cfg)
 
 
 @task(name="check-new", **_TRACKED)
@@ -151,10 +158,10 @@ def summary_markdown(train: dict, evaluation: dict, plots: list[str], promotion:
             lines += [f"| {key}.{k} | {v} |" for k, v in value.items() if not isinstance(v, (dict, list))]
         elif not isinstance(value, list):
             lines.append(f"| {key} | {value} |")
-    for side in ("challenger", "champion_figure"):
+    for side in ("challenger", "champion"):  # the figures the gate compared, and the set each came from
         fig = promotion.get("gate", {}).get(side)
         if isinstance(fig, dict):
-            lines.append(f"| gate {side} | {fig.get('value')} on {fig.get('set')} |")
+            lines.append(f"| gate: {side} | {fig.get('value'):.4g} on {fig.get('set')} |")
     lines += ["", "## Plots", ""] + [f"- `{p}`" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -172,10 +179,10 @@ def nothing_new_markdown(lineage: dict) -> str:
 @flow(name="retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", overrides: dict | None = None, resume: bool = False,
             force: bool = False, pull: bool = True) -> dict:
-    """Bring ``data/`` to the version ``data.dvc`` names and stop as "nothing new" when this data, params
-    and code were already trained (unless ``force``); else prepare the TAT-QA splits (when the config
-    uses them), validate the data, warm-start (sft, when ``train.init_adapter`` is set), train with GRPO,
-    evaluate, plot, and register the adapter (champion only if the gate says so).
+    """Bring ``data/`` to the version ``data.dvc`` names, prepare the TAT-QA splits (when the config uses
+    them) and validate the data; stop as "nothing new" when this data, params and code were already
+    trained (unless ``force``); else warm-start (sft, when ``train.init_adapter`` is set), train with
+    GRPO, evaluate, plot, and register the adapter (champion only if the gate says so).
 
     ``overrides`` replace params.yaml values for this run: ``{"train.max_steps": 2}`` or nested.
     ``pull=False`` fingerprints ``data/`` as it is (no ``dvc pull``).
@@ -186,13 +193,8 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
     cfg = load_config(params_path, normalize_overrides(overrides))
     logger.info("config: %s", cfg.public_dump())
 
-    lineage = check_new_task(cfg, force=force, pull=pull)
-    logger.info("%s", lineage["reason"])
-    if not lineage["new"]:
-        create_markdown_artifact(markdown=nothing_new_markdown(lineage), key="fingrpo-retrain-summary",
-                                 description="fingrpo retrain: nothing new")
-        return {"status": "nothing new", "lineage": lineage}
-
+    if pull:
+        pull_task(cfg)
     if pipeline.needs_prepare(cfg):  # a training source or evaluation set is a prepared TAT-QA file
         prepare_task(cfg)
     if validate_task(cfg) != 0:
@@ -201,6 +203,13 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
         message = pipeline.validation_failure_message(Path(cfg.pipeline.reports_dir) / "validation.json")
         logger.error(message)
         return Failed(message=message, data=DataError(message))  # calling the flow raises this DataError
+
+    lineage = check_new_task(cfg, force=force, pull=False)
+    logger.info("%s", lineage["reason"])
+    if not lineage["new"]:
+        create_markdown_artifact(markdown=nothing_new_markdown(lineage), key="fingrpo-retrain-summary",
+                                 description="fingrpo retrain: nothing new")
+        return {"status": "nothing new", "lineage": lineage}
 
     warm_start = cfg.train.init_adapter
     # the warm start runs unless a resumed run already has it (the checkpoints hold the adapter)

@@ -131,6 +131,7 @@ def test_retrain_flow_writes_every_artifact_and_registers_a_champion(prefect_api
     artifact = Artifact.get("fingrpo-retrain-summary")
     assert artifact is not None
     assert "execution_accuracy" in artifact.data and "promoted" in artifact.data
+    assert "| gate: challenger |" in artifact.data and "records (set " in artifact.data
     lineage = json.loads((reports / "lineage.json").read_text())
     assert result["status"] == "trained" and lineage["new"] and lineage["trained_as"] == []
     version = _client(work["uri"]).get_model_version(MODEL_NAME, "1")
@@ -143,8 +144,8 @@ def test_the_same_data_params_and_code_again_is_nothing_new(prefect_api, work, m
 
     before = _versions(work["uri"])
     trained = []
-    monkeypatch.setattr(pipeline, "validate_stage", lambda cfg, files=None: trained.append(1) or 0)
-    result = _run(work["overrides"], pull=False)
+    monkeypatch.setattr(pipeline, "sft_stage", lambda cfg: trained.append("sft") or {})
+    result = _run(work["overrides"], pull=False)  # validated, then looked up: nothing trained
     assert result["status"] == "nothing new" and trained == [] and _versions(work["uri"]) == before
     assert "already trained into fingrpo-flow-test champion v1" in result["lineage"]["reason"]
     assert "nothing new" in Artifact.get("fingrpo-retrain-summary").data
@@ -153,7 +154,7 @@ def test_the_same_data_params_and_code_again_is_nothing_new(prefect_api, work, m
     monkeypatch.setattr(pipeline, "train_stage", lambda cfg, resume=False: (_ for _ in ()).throw(ModelError("stop here")))
     with pytest.raises(ModelError, match="stop here"):
         _run(changed, pull=False)
-    assert trained == [1]
+    assert trained == ["sft"]
     changed = json.loads(json.dumps(work["overrides"]))
     changed["register"]["alpha"] = 0.2  # where results go / how the gate decides: not new
     assert _run(changed, pull=False)["status"] == "nothing new"

@@ -42,8 +42,14 @@ def test_the_data_and_code_parts(tmp_path):
     shutil.copy(SHARED / "data" / "data.dvc", tmp_path / "data.dvc")
     v2 = lineage.fingerprint(cfg, tmp_path)
     assert v2.data.startswith("404b986d") and v2.value != v1.value and v2.params == v1.params
-    (tmp_path / "data.dvc").unlink()
-    assert lineage.fingerprint(cfg, tmp_path).data == "none"
+    (tmp_path / "data.dvc").unlink()  # no pointer: the configured data files' bytes
+    train = tmp_path / "train.json"
+    train.write_text("[]")
+    files_cfg = _cfg(tmp_path, data={"train_path": str(train), "train_sources": None, "eval_sets": None})
+    plain = lineage.fingerprint(files_cfg, tmp_path).data
+    assert plain.startswith("files:") and plain == lineage.fingerprint(files_cfg, tmp_path).data
+    train.write_text("[ ]")
+    assert lineage.fingerprint(files_cfg, tmp_path).data != plain
 
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)

@@ -28,6 +28,7 @@ from test_tracking import (  # noqa: F401 - fixtures
     _template_db,
     adapter_dir,
     make_cfg,
+    write_evaluation,
 )
 
 pytestmark = pytest.mark.slow
@@ -83,7 +84,7 @@ def _post(port: int, rows: list[dict]) -> tuple[int, dict]:
 
 
 def test_models_serve_answers_a_finqa_record(tmp_path, adapter_dir, tiny_model_path, data_dir):  # noqa: F811
-    cfg, decision = _promote(tmp_path, adapter_dir, tiny_model_path, 0.4)
+    cfg, decision = _promote(tmp_path, adapter_dir, tiny_model_path, 40)
     assert decision["decision"] == "promoted"
     rec = json.loads((data_dir / "dev.json").read_text())[3]
     port = _free_port()
@@ -143,8 +144,8 @@ def test_tracking_flow_against_a_real_mlflow_server(tmp_path, adapter_dir, tiny_
         cb.on_train_begin(SimpleNamespace(config=cfg))
         cb.on_step_end(1, {"loss": 0.7, "reward/mean": 0.2})
         cb.on_train_end({"steps": 1})
-        result = {"dev": {"adapter": {"execution_accuracy": 0.35}}}
-        Path(cfg.evaluate.output_path).write_text(json.dumps(result))
+        write_evaluation(cfg.evaluate.output_path, cfg.evaluate.predictions_path, 35)  # 35 right of 100
+        result = json.loads(Path(cfg.evaluate.output_path).read_text())
         assert log_evaluation(cfg, result) == cb.run_id
         decision = register_from_config(cfg)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -153,6 +154,6 @@ def test_tracking_flow_against_a_real_mlflow_server(tmp_path, adapter_dir, tiny_
     finally:
         _stop(proc)
     assert decision["decision"] == "promoted" and decision["tracking_uri"] == uri
-    assert run.data.metrics["dev.adapter.execution_accuracy"] == 0.35 and run.data.metrics["reward/mean"] == 0.2
+    assert run.data.metrics["dev.x.adapter.execution_accuracy"] == 0.35 and run.data.metrics["reward/mean"] == 0.2
     assert str(champion.version) == "1" and champion.run_id == cb.run_id
     assert (tmp_path / "server-artifacts").is_dir()  # artifacts went through the server, not to local disk
