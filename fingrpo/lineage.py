@@ -13,7 +13,7 @@ A run's **fingerprint** is the md5 of three parts, each also kept as a tag:
   counts and a commit that only touches docs or ``dvc.lock`` does not (the git commit is tagged beside it).
 
 Every registered version carries its fingerprint (``fingrpo.fingerprint`` and its parts,
-:func:`fingerprint_tags`, written by the ``register`` stage); :func:`check_new` compares the current
+:meth:`Fingerprint.tags`, written by the ``register`` stage); :func:`check_new` compares the current
 one with the champion's and every earlier version's and says "nothing new" when one matches.
 """
 

@@ -341,8 +341,8 @@ def register_from_config(cfg: "Config", evaluate_champion: EvaluateChampion | No
     champion_version = str(champion.version) if champion is not None else None
     champion_fig = _champion_figure(tracker, champion, metric) if champion is not None else None
     registered_fig, reevaluated = champion_fig, False
-    if (champion_fig is not None and champion_version != version and not challenger_fig.same_set(champion_fig)
-            and reg.reevaluate_champion and evaluate_champion is not None):
+    unpaired = champion_fig is not None and (not challenger_fig.same_set(champion_fig) or champion_fig.outcomes is None)
+    if unpaired and champion_version != version and reg.reevaluate_champion and evaluate_champion is not None:
         log.info("gate: champion v%s was measured on %s; re-evaluating it on the challenger's %s",
                  champion_version, champion_fig.describe(), challenger_fig.describe())
         with tempfile.TemporaryDirectory(prefix="fingrpo-champion-") as tmp, fluent_uri(tracker.uri):
