@@ -160,44 +160,35 @@ class Team:
         proc = _sh(cmd, self.project, self.env, timeout=timeout + 60, check=False)
         return proc.stdout + proc.stderr
 
-    def flow_runs(self) -> list:
-        """Every flow run of the server, oldest first, with its state."""
+    def _api(self, coroutine_fn):
+        """Run ``coroutine_fn(client)`` against the team's Prefect server."""
         import asyncio
 
         from prefect.client.orchestration import get_client
-
-        async def read():
-            async with get_client() as client:
-                runs = await client.read_flow_runs()
-                return sorted(runs, key=lambda r: r.created)
-
-        saved = os.environ.get("PREFECT_API_URL")
-        os.environ["PREFECT_API_URL"] = self.env["PREFECT_API_URL"]
-        try:
-            from prefect.settings import PREFECT_API_URL, temporary_settings
-
-            with temporary_settings({PREFECT_API_URL: self.env["PREFECT_API_URL"]}):
-                return asyncio.run(read())
-        finally:
-            if saved is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = saved
-
-    def logs_of(self, flow_run_id) -> str:
-        import asyncio
-
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        async def read():
+        async def call():
             async with get_client() as client:
-                logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-                return "\n".join(log.message for log in logs)
+                return await coroutine_fn(client)
 
         with temporary_settings({PREFECT_API_URL: self.env["PREFECT_API_URL"]}):
-            return asyncio.run(read())
+            return asyncio.run(call())
+
+    def flow_runs(self) -> list:
+        """Every flow run of the server, oldest first, with its state."""
+        async def read(client):
+            return sorted(await client.read_flow_runs(), key=lambda r: r.created)
+
+        return self._api(read)
+
+    def logs_of(self, flow_run_id) -> str:
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        async def read(client):
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            return "\n".join(log.message for log in logs)
+
+        return self._api(read)
 
     def report(self, name: str) -> dict:
         return json.loads((self.project / "reports" / name).read_text())
