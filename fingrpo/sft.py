@@ -202,7 +202,8 @@ def sft_from_config(cfg: "Config") -> dict:
     _, records = training_pool(cfg)
     if not records:
         raise TrainingError(f"sft: no train records left in {[s.path for s in train_sources(cfg)]} after the worked examples")
-    examples = make_examples(records, cfg.prompt, tokenizer=tokenizer, few_shot_records=few_shot_records(cfg))
+    examples = make_examples(records, cfg.prompt, tokenizer=tokenizer, few_shot_records=few_shot_records(cfg),
+                             training=True)
     set_seed(cfg.sft.seed)
     policy = add_lora(model, cfg.lora)
     if cfg.sft.epochs:

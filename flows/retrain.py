@@ -1,4 +1,4 @@
-"""Prefect flow ``retrain``: pull -> prepare -> validate -> check-new -> sft -> train -> evaluate -> plot -> register, for scheduled retraining.
+"""Prefect flow ``retrain``: pull -> prepare -> validate -> check-new -> retriever -> sft -> train -> evaluate -> plot -> register, for scheduled retraining.
 
 Each task calls one stage function of :mod:`fingrpo.pipeline` (the same ones ``dvc repro`` runs
 through the ``fingrpo`` CLI) and has no logic of its own. Run it once, in-process::
@@ -91,6 +91,11 @@ def validate_task(cfg: Config) -> int:
     return pipeline.validate_stage(cfg)
 
 
+@task(name="retriever", cache_policy=NONE)
+def retriever_task(cfg: Config) -> dict:
+    return pipeline.retriever_stage(cfg)
+
+
 @task(name="sft", cache_policy=NONE)
 def sft_task(cfg: Config) -> dict:
     return pipeline.sft_stage(cfg)
@@ -181,7 +186,8 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
             force: bool = False, pull: bool = True) -> dict:
     """Bring ``data/`` to the version ``data.dvc`` names, prepare the TAT-QA splits (when the config uses
     them) and validate the data; stop as "nothing new" when this data, params and code were already
-    trained (unless ``force``); else warm-start (sft, when ``train.init_adapter`` is set), train with
+    trained (unless ``force``); else train the retriever (``prompt.retriever: cross_encoder``), warm-start
+    (sft, when ``train.init_adapter`` is set), train with
     GRPO, evaluate, plot, and register the adapter (champion only if the gate says so).
 
     ``overrides`` replace params.yaml values for this run: ``{"train.max_steps": 2}`` or nested.
@@ -211,6 +217,9 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
                                  description="fingrpo retrain: nothing new")
         return {"status": "nothing new", "lineage": lineage}
 
+    # the cross-encoder retriever (prompt.retriever: cross_encoder) ranks the facts every later stage shows
+    if cfg.prompt.retriever != "lexical" and not (resume and Path(cfg.prompt.retriever_dir, "head.safetensors").is_file()):
+        retriever_task(cfg)
     warm_start = cfg.train.init_adapter
     # the warm start runs unless a resumed run already has it (the checkpoints hold the adapter)
     if warm_start and not (resume and Path(warm_start, "adapter_model.safetensors").is_file()):

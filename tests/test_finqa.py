@@ -430,23 +430,3 @@ def test_financial_json_data_loader(data_dir, tiny_tok):
     with pytest.raises(ConfigError, match="no tokenizer"):
         plain.prompts
     assert re.match(r"Program: .+\nAnswer: .+", plain.targets[0])
-
-
-def test_retrieval_recall_counts_gold_facts_in_the_top_k(data_dir):
-    from fingrpo.data.finqa import load_split
-    from fingrpo.data.prompts import retrieval_recall, retrieve
-
-    records = load_split(data_dir / "dev.json")[:30]
-    rec = records[0]
-    ranked = retrieve(rec)
-    n_units = len(rec.pre_text) + len(rec.table) + len(rec.post_text)
-    assert sorted(ranked) == sorted({*(f"text_{i}" for i in range(len(rec.sentences))),
-                                     *(f"table_{i}" for i in range(len(rec.table)))}) and len(ranked) == n_units
-    got = retrieval_recall(records, ks=(1, 3, 1000))
-    assert got["n"] == sum(bool(r.qa.gold_inds) for r in records)
-    assert got["recall_at_1000"] == 1.0 and got["all_gold_at_1000"] == 1.0  # everything is in a top-1000
-    assert 0.0 <= got["all_gold_at_1"] <= got["recall_at_1"] <= got["recall_at_3"] <= 1.0
-    one = retrieval_recall([rec], ks=(3,))
-    gold = set(rec.qa.gold_inds)
-    assert one["recall_at_3"] == len(gold & set(ranked[:3])) / len(gold)
-    assert retrieval_recall([], ks=(3,)) == {"n": 0, "recall_at_3": None, "all_gold_at_3": None}

@@ -157,3 +157,59 @@ def test_tracking_flow_against_a_real_mlflow_server(tmp_path, adapter_dir, tiny_
     assert run.data.metrics["dev.x.adapter.execution_accuracy"] == 0.35 and run.data.metrics["reward/mean"] == 0.2
     assert str(champion.version) == "1" and champion.run_id == cb.run_id
     assert (tmp_path / "server-artifacts").is_dir()  # artifacts went through the server, not to local disk
+
+
+def test_served_champion_retrieves_and_answers_as_evaluation_did(tmp_path, adapter_dir, tiny_model_path, data_dir):  # noqa: F811
+    """A model version trained with the cross-encoder retriever carries it: ``mlflow models serve`` answers a
+    record with no gold facts from the facts that retriever picks, with the completion ``fingrpo evaluate``
+    gave for that record."""
+    import shutil
+
+    from fingrpo.config import RetrieverConfig
+    from fingrpo.data.finqa import load_split
+    from fingrpo.evaluate import evaluate_from_config
+    from fingrpo.retrieval import train_cross_encoder
+    from fingrpo.tracking import MLflowCallback, register_from_config
+
+    retriever_dir = tmp_path / "retriever"
+    ce, _ = train_cross_encoder(load_split(data_dir / "train.json")[:6], RetrieverConfig(epochs=1.0, warmup_steps=1),
+                                progress=False)
+    ce.save(retriever_dir)
+    cfg = make_cfg(tmp_path, model_path=tiny_model_path,
+                   prompt={"context_mode": "retrieved", "retrieved_top_k": 3, "retriever": "cross_encoder",
+                           "retriever_dir": str(retriever_dir), "few_shot": 0},
+                   data={"eval_sets": [{"name": "x", "split": "dev", "max_records": 3}]},
+                   evaluate={"compare_base": False})
+    shutil.copytree(adapter_dir, cfg.train.output_dir)
+    cb = MLflowCallback(cfg, log_adapter=False)
+    cb.on_train_begin(SimpleNamespace(config=cfg))
+    cb.on_train_end({})
+    evaluate_from_config(cfg)
+    evaluated = {r["id"]: r for r in map(json.loads, Path(cfg.evaluate.predictions_path).read_text().splitlines())
+                 if r["model"] == "adapter"}
+    assert {r["model"] for r in map(json.loads, Path(cfg.evaluate.predictions_path).read_text().splitlines())} == {
+        "adapter", "adapter_gold_facts"}  # the oracle figure beside the served one
+    assert register_from_config(cfg)["decision"] == "promoted"
+    shutil.rmtree(retriever_dir)  # the served model must use the copy the version holds
+
+    rec = json.loads((data_dir / "dev.json").read_text())[1]
+    assert rec["id"] in evaluated
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    env = {"MLFLOW_TRACKING_URI": cfg.tracking.tracking_uri, "MLFLOW_REGISTRY_URI": cfg.tracking.tracking_uri,
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = _start([str(BIN / "mlflow"), "models", "serve", "-m", "models:/fingrpo-finqa@champion",
+                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env, log_path)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/ping", proc, log_path)
+        no_gold = {"id": rec["id"], "question": rec["qa"]["question"], "pre_text": rec["pre_text"],
+                   "post_text": rec["post_text"], "table": rec["table"]}
+        status, body = _post(port, [no_gold])
+    finally:
+        _stop(proc)
+    assert status == 200, body
+    (pred,) = body["predictions"]
+    assert pred["context_mode"] == "retrieved"
+    assert pred["completion"] == evaluated[rec["id"]]["completion"]
+    assert pred["program"] == evaluated[rec["id"]]["program"]

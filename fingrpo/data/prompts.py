@@ -19,8 +19,11 @@ Context modes (``prompt.context_mode``):
 - ``full``: every pre_text sentence, the table (linearised rows, or a markdown table with
   ``prompt.table_format=markdown``), every post_text sentence, in document order.
 - ``gold``: only the supporting facts of ``qa.gold_inds`` (the annotated sentences and table rows).
-- ``retrieved``: all sentences and linearised table rows ranked by lexical overlap with the question
-  (IDF-weighted shared words), the ``prompt.retrieved_top_k`` best shown in document order.
+- ``retrieved``: all sentences and linearised table rows ranked by the configured retriever
+  (``prompt.retriever``, :mod:`fingrpo.retrieval`), the ``prompt.retrieved_top_k`` best shown in document
+  order: what a served question gets. With ``prompt.train_with_gold`` (training prompts only), a gold
+  fact the retriever missed takes the place of its lowest-ranked other pick, so the warm start's reply
+  (the gold program) only names numbers the prompt shows; the prompt keeps the served shape.
 
 Token budget (``prompt.max_prompt_tokens``): the whole rendered prompt (instructions, worked
 examples, context, question) is counted with the tokenizer when one is given, else estimated as
@@ -42,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from fingrpo.data.finqa import GOLD_KEY, FinQARecord, linearize_table, table_to_markdown
 from fingrpo.errors import ConfigError
+from fingrpo.retrieval import get_retriever, lexical_scores
 
 if TYPE_CHECKING:  # pragma: no cover
     from fingrpo.config import PromptConfig
@@ -66,18 +70,6 @@ SYSTEM_PROMPT = (
     "Program: subtract(5829, 5735), divide(#0, 5735)\n"
     "Answer: 0.01639"
 )
-
-_STOPWORDS = frozenset(
-    "a an and are as at be by did do does for from had has have how in is it its of on or than that the "
-    "their this to was were what when which who will with during between total change percentage percent "
-    "average".split()
-)
-_WORD = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?")
-
-
-def _terms(text: str) -> set[str]:
-    return {w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
-
 
 def format_exe_ans(value: float | str) -> str:
     """``407.0 -> '407'``, ``0.34719 -> '0.34719'``, ``'yes' -> 'yes'`` (exe_ans has 5 decimals at most).
@@ -160,18 +152,11 @@ def _all_units(rec: FinQARecord, table_format: str) -> list[_Unit]:
 
 def _rank_by_overlap(units: list[_Unit], question: str) -> None:
     """IDF-weighted count of question words shared with each unit (IDF over this record's units)."""
-    q = _terms(question)
-    term_sets = [_terms(u.text) for u in units]
-    n = len(units)
-    df: dict[str, int] = {}
-    for ts in term_sets:
-        for t in ts & q:
-            df[t] = df.get(t, 0) + 1
-    for u, ts in zip(units, term_sets):
-        u.score = sum(math.log(1.0 + n / df[t]) for t in ts & q)
+    for u, score in zip(units, lexical_scores(question, [u.text for u in units])):
+        u.score = score
 
 
-def _context_units(rec: FinQARecord, cfg: "PromptConfig") -> list[_Unit]:
+def _context_units(rec: FinQARecord, cfg: "PromptConfig", training: bool = False) -> list[_Unit]:
     mode = cfg.context_mode
     if mode == "gold":
         units = [_Unit(k, v, _doc_order(rec, k), True) for k, v in rec.qa.gold_inds.items()]
@@ -180,43 +165,23 @@ def _context_units(rec: FinQARecord, cfg: "PromptConfig") -> list[_Unit]:
         units = _all_units(rec, getattr(cfg, "table_format", "linearized"))
         _rank_by_overlap(units, rec.question)
     elif mode == "retrieved":
-        units = _all_units(rec, "linearized")
-        _rank_by_overlap(units, rec.question)
-        # best first; ties keep document order (sorted is stable)
-        units = sorted(units, key=lambda u: -u.score)[: cfg.retrieved_top_k]
+        by_key = {u.key: u for u in _all_units(rec, "linearized")}
+        ranked = get_retriever(cfg).rank(rec)
+        for pos, key in enumerate(ranked):
+            by_key[key].score = float(len(ranked) - pos)
+        picked = ranked[: cfg.retrieved_top_k]
+        if training and getattr(cfg, "train_with_gold", False):
+            # a gold fact the retriever missed replaces its lowest-ranked non-gold pick
+            missing = [k for k in rec.qa.gold_inds if k in by_key and k not in picked]
+            spare = [k for k in reversed(picked) if k not in rec.qa.gold_inds]
+            for k_in, k_out in zip(missing, spare):
+                picked[picked.index(k_out)] = k_in
+        units = [by_key[k] for k in picked]
+        for u in units:  # what the retriever picked is the context: never cut (see the module docstring)
+            u.gold = True
     else:  # pragma: no cover - PromptConfig's Literal already rejects it
         raise ConfigError(f"prompt.context_mode: unknown mode {mode!r}")
     return sorted(units, key=lambda u: (u.order, u.key == "table_sep"))
-
-
-def retrieve(rec: FinQARecord) -> list[str]:
-    """The keys (``text_N``/``table_N``) of every sentence and table row, best first, as
-    ``context_mode: retrieved`` ranks them (ties in document order); its top ``retrieved_top_k`` are shown.
-
-    >>> retrieve(rec)[:3]                                     # doctest: +SKIP
-    ['table_3', 'text_12', 'table_1']
-    """
-    units = _all_units(rec, "linearized")
-    _rank_by_overlap(units, rec.question)
-    return [u.key for u in sorted(units, key=lambda u: -u.score)]
-
-
-def retrieval_recall(records: Sequence[FinQARecord], ks: Sequence[int] = (1, 3, 5, 10)) -> dict:
-    """How well the retriever finds the supporting facts (``qa.gold_inds``) of records that have some:
-    ``recall_at_k`` (mean share of a record's gold facts in the top k) and ``all_gold_at_k`` (share of
-    records with every gold fact in the top k), and ``n`` (records with gold facts).
-
-    >>> retrieval_recall(dev)["recall_at_3"]                  # doctest: +SKIP
-    0.65
-    """
-    with_gold = [r for r in records if r.qa.gold_inds]
-    out: dict[str, float | int | None] = {"n": len(with_gold)}
-    ranked = [(retrieve(r), set(r.qa.gold_inds)) for r in with_gold]
-    for k in ks:
-        shares = [len(gold & set(keys[:k])) / len(gold) for keys, gold in ranked]
-        out[f"recall_at_{k}"] = sum(shares) / len(shares) if shares else None
-        out[f"all_gold_at_{k}"] = sum(s == 1.0 for s in shares) / len(shares) if shares else None
-    return out
 
 
 # Chat-control markers (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>` ...) inside report text would be
@@ -302,10 +267,10 @@ def _messages(shots: list[_Shot], question: str, units: list[_Unit]) -> list[dic
 
 
 def _build_example(
-    rec: FinQARecord, shot_records: list[FinQARecord], cfg: "PromptConfig", counter: _Counter
+    rec: FinQARecord, shot_records: list[FinQARecord], cfg: "PromptConfig", counter: _Counter, training: bool = False
 ) -> PromptExample:
-    units = _context_units(rec, cfg)
-    shots = [_Shot(s, _context_units(s, cfg)) for s in shot_records]
+    units = _context_units(rec, cfg, training)
+    shots = [_Shot(s, _context_units(s, cfg, training=True)) for s in shot_records]
 
     def render() -> list[dict]:
         return _messages(shots, rec.question, units)
@@ -369,8 +334,11 @@ def make_examples(
     prompt_cfg: "PromptConfig",
     tokenizer: Any = None,
     few_shot_records: Sequence[FinQARecord] | None = None,
+    training: bool = False,
 ) -> list[PromptExample]:
     """Turn records into :class:`PromptExample` s under ``prompt_cfg`` (context mode, budget, few-shot).
+    ``training``: prompts a model learns from (warm start, GRPO rollouts), where ``prompt.train_with_gold``
+    applies; evaluation and serving leave it False.
 
     >>> ex = make_examples(dev, PromptConfig(context_mode="gold", few_shot=2), tok, few_shot_records=train)   # doctest: +SKIP
     >>> [m["role"] for m in ex[0].messages]   # doctest: +SKIP
@@ -392,11 +360,11 @@ def make_examples(
     examples = []
     for rec in records:
         shots = [s for s in pool[: prompt_cfg.few_shot + 1] if s.id != rec.id][: prompt_cfg.few_shot]
-        examples.append(_build_example(rec, shots, prompt_cfg, counter))
+        examples.append(_build_example(rec, shots, prompt_cfg, counter, training))
     return examples
 
 
 __all__ = [
     "PromptExample", "make_examples", "render_prompt", "make_target", "format_exe_ans", "SYSTEM_PROMPT",
-    "neutralize_control_markers", "retrieve", "retrieval_recall",
+    "neutralize_control_markers",
 ]

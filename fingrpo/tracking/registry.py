@@ -290,6 +290,13 @@ def register_from_config(cfg: "Config", evaluate_champion: EvaluateChampion | No
         # installed fingrpo (serve from the project's environment: --env-manager local)
         code_path = Path(tmp) / "fingrpo_pyfunc.py"
         code_path.write_text(PYFUNC_ENTRY_POINT, encoding="utf-8")
+        artifacts = {"adapter": str(adapter_dir), "serving_config": str(serving_path)}
+        if serving["prompt"].get("retriever", "lexical") != "lexical":  # the model's retriever travels with it
+            retriever_dir = Path(serving["prompt"]["retriever_dir"])
+            if not (retriever_dir / "head.safetensors").is_file():
+                raise ModelError(f"{retriever_dir}: no trained retriever to register with the adapter "
+                                 "(prompt.retriever: cross_encoder): run `fingrpo retriever` first")
+            artifacts["retriever"] = str(retriever_dir)
         with fluent_uri(tracker.uri), mlflow.start_run(run_id=run_id):
             # a retry after a late transient failure may leave an orphan version (no tags, no alias):
             # harmless, the gate below only ever looks at the version this call returns
@@ -297,7 +304,7 @@ def register_from_config(cfg: "Config", evaluate_champion: EvaluateChampion | No
                 mlflow.pyfunc.log_model,
                 name=MODEL_ARTIFACT_NAME,
                 python_model=str(code_path),
-                artifacts={"adapter": str(adapter_dir), "serving_config": str(serving_path)},
+                artifacts=artifacts,
                 pip_requirements=pip_requirements(),
                 signature=pyfunc_signature(serving),
                 registered_model_name=name,
@@ -349,7 +356,10 @@ def register_from_config(cfg: "Config", evaluate_champion: EvaluateChampion | No
             model_dir = tracker.call(mlflow.artifacts.download_artifacts, artifact_uri=f"models:/{name}/{champion_version}",
                                      dst_path=tmp, what="download champion")
             artifacts = Path(model_dir) / "artifacts"
-            eval_path, predictions_path = evaluate_champion(artifacts / "adapter", read_json(artifacts / SERVING_CONFIG))
+            champion_serving = read_json(artifacts / SERVING_CONFIG)
+            if (artifacts / "retriever").is_dir():  # the champion ranks facts with its own retriever
+                champion_serving["prompt"]["retriever_dir"] = str(artifacts / "retriever")
+            eval_path, predictions_path = evaluate_champion(artifacts / "adapter", champion_serving)
         champion_fig, reevaluated = gate_figure(metric, eval_path, predictions_path), True
     gate = decide_promotion(challenger_fig, champion_fig, metric=metric, rule=reg.rule, alpha=reg.alpha,
                             min_improvement=reg.min_improvement, name=name, version=version,

@@ -179,6 +179,11 @@ class _FinQAPyfunc:
         model_fields = {k: v for k, v in serving["model"].items() if k in ModelConfig.model_fields}
         self.model_cfg = ModelConfig(**model_fields)  # cache_dir: this machine's default ($FINGRPO_CACHE)
         self.prompt_cfg = PromptConfig(**serving["prompt"])
+        if "retriever" in context.artifacts:  # the version's own retriever: serving ranks as evaluation did
+            self.prompt_cfg = self.prompt_cfg.model_copy(update={"retriever_dir": context.artifacts["retriever"]})
+        elif self.prompt_cfg.retriever != "lexical":
+            raise DataError(f"this model version's prompt uses the {self.prompt_cfg.retriever} retriever but the "
+                            "version holds no 'retriever' artifact")
         self.generation = serving.get("generation", {})
         base, self.tokenizer = load_model_and_tokenizer(self.model_cfg)  # via resolve_model_path: bundled: works
         self.model = load_adapter(base, context.artifacts["adapter"])
