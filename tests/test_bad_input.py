@@ -255,7 +255,7 @@ def _argv(entry: str, ws: Workspace, model_path: Path, adapter: Path | None, dat
     data = data or ws.bad
     common = ["--params", str(PARAMS)]
     tiny = [
-        f"model.name_or_path={model_path}", "tracking.enabled=false", "prompt.few_shot=0",
+        f"model.name_or_path={model_path}", "tracking.enabled=false", "prompt.few_shot=0", "prompt.retriever=lexical",
         f"data.provenance_path={PROVENANCE}", f"data.test_path={ws.good}",
         "data.train_sources=null", "data.eval_sets=null",  # FinQA alone: the files under test
     ]
@@ -488,7 +488,7 @@ def test_bad_input_stops_the_prefect_flow_before_training(name, tmp_path, base_r
     ws = _workspace(tmp_path, base_records, case)
     sets = [f"data.train_path={ws.bad}", f"data.dev_path={ws.good}", f"data.test_path={ws.good}",
             "data.train_sources=null", "data.eval_sets=null",  # FinQA alone: the file under test
-            f"model.name_or_path={tiny_model_path}", "pipeline.data_docs=false",
+            f"model.name_or_path={tiny_model_path}", "pipeline.data_docs=false", "prompt.retriever=lexical",
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "FINGRPO_RETRY_DELAY_S": "0", "PYTHONIOENCODING": "utf-8"}

@@ -69,7 +69,7 @@ def _tiny_params(work: Path, data_dir: Path, model: Path) -> Path:
     params["data"]["provenance_path"] = str(data / "provenance.json")
     params["data"].update(train_sources=None, eval_sets=None)  # FinQA alone
     params["model"]["name_or_path"] = str(model)
-    params["prompt"].update(few_shot=0, max_prompt_tokens=256)
+    params["prompt"].update(few_shot=0, max_prompt_tokens=256, retriever="lexical")
     params["train"].update(max_steps=2, prompts_per_step=1, group_size=2, max_new_tokens=8, warmup_steps=0,
                            save_interval=1, eval_interval=2, eval_subset_size=2,
                            output_dir=str(models / "adapter"), checkpoint_dir=str(models / "checkpoints"),

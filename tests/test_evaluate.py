@@ -255,3 +255,25 @@ def test_a_random_subset_of_a_file_without_provenance_is_a_config_error(tmp_path
     with pytest.raises(ConfigError, match="data.eval_sets.tatqa: subset 'random' needs a FinQA split"):
         evaluate_from_config(cfg)
     assert not Path(cfg.evaluate.output_path).exists()
+
+
+def test_served_context_is_the_headline_and_gold_facts_the_oracle_beside_it(tmp_path, tiny_model_path, data_dir, zero_adapter):
+    """context_mode retrieved: the adapter and the base model see the retriever's facts; the adapter is
+    also evaluated with the gold facts (adapter_gold_facts), and each set reports the retriever's recall."""
+    cfg = _config(tmp_path, tiny_model_path, data_dir, zero_adapter, splits=["dev"])
+    cfg = cfg.model_copy(update={"prompt": cfg.prompt.model_copy(update={"context_mode": "retrieved", "retrieved_top_k": 2})})
+    result = evaluate_from_config(cfg, adapter_dir=str(zero_adapter))
+    body = result["dev"]["finqa"]
+    assert {"adapter", "base", "adapter_gold_facts"} <= set(body)
+    assert body["retrieval"]["retriever"] == "lexical" and body["retrieval"]["n"] == 3
+    summary = result["summary"]
+    assert summary["context_mode"] == "retrieved" and summary["retriever"] == "lexical"
+    assert "dev.finqa.adapter_gold_facts.execution_accuracy" in summary
+    rows = [json.loads(line) for line in Path(cfg.evaluate.predictions_path).read_text().splitlines()]
+    assert sorted(r["model"] for r in rows) == ["adapter"] * 3 + ["adapter_gold_facts"] * 3 + ["base"] * 3
+    # the zero adapter is the base model: on the same (retrieved) prompts the same completions
+    by = {(r["model"], r["id"]): r["completion"] for r in rows}
+    assert all(by["adapter", r["id"]] == by["base", r["id"]] for r in rows)
+    off = evaluate_from_config(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"oracle_gold": False})}),
+                               adapter_dir=str(zero_adapter))
+    assert "adapter_gold_facts" not in off["dev"]["finqa"]

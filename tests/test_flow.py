@@ -57,7 +57,8 @@ def work(tmp_path_factory, data_dir, tiny_model_path):
                  "provenance_path": str(provenance),
                  "train_sources": None, "eval_sets": None},  # FinQA alone (the DVC pipeline test covers TAT-QA)
         "model": {"name_or_path": str(tiny_model_path)},
-        "prompt": {"few_shot": 0, "max_prompt_tokens": 256},
+        "prompt": {"few_shot": 0, "max_prompt_tokens": 256, "retriever_dir": str(models / "retriever")},  # retrieved
+        "retriever": {"epochs": 0.5, "candidates": 6, "max_length": 64, "summary_path": str(reports / "retriever.json")},
         "train": {"max_steps": 2, "prompts_per_step": 1, "group_size": 2, "max_new_tokens": 8, "warmup_steps": 0,
                   "init_adapter": str(models / "sft"), "save_interval": 1, "eval_interval": 2, "eval_subset_size": 2, "num_samples_to_log": 1,
                   "output_dir": str(models / "adapter"), "checkpoint_dir": str(models / "checkpoints"),
@@ -105,6 +106,10 @@ def test_retrain_flow_writes_every_artifact_and_registers_a_champion(prefect_api
     assert validation  # the validation report was written (its content is the data layer's business)
     assert json.loads((reports / "sft.json").read_text())["steps"] == 2  # the warm start ran: 6 records / 3
     assert (models / "sft" / "adapter_model.safetensors").is_file()
+    # the retriever task trained the cross-encoder the prompts rank facts with (3 of the 6 train records)
+    retriever = json.loads((reports / "retriever.json").read_text())
+    assert retriever["retriever"] == "cross_encoder" and retriever["training"]["steps"] == 3
+    assert (models / "retriever" / "head.safetensors").is_file() and (models / "retriever" / "rankings.json").is_file()
     assert (models / "adapter" / "adapter_config.json").is_file()
     assert any((models / "adapter").glob("adapter_model.safetensors"))
     csv_lines = (reports / "train_metrics.csv").read_text().splitlines()

@@ -196,7 +196,8 @@ def make_tiny_project(root: Path, data_dir: Path, model_path: Path) -> dict:
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"].update(name_or_path=str(model_path))
-    params["prompt"].update(few_shot=0, max_prompt_tokens=256, context_mode="gold")
+    params["prompt"].update(few_shot=0, max_prompt_tokens=256)  # retrieved, with the cross-encoder: the stage runs
+    params["retriever"].update(epochs=0.5, candidates=6, max_length=64)
     params["train"].update(max_steps=2, prompts_per_step=1, group_size=2, max_new_tokens=8, warmup_steps=0,
                            save_interval=1, eval_interval=2, eval_subset_size=2, num_samples_to_log=0)
     params["sft"].update(epochs=1, batch_size=3)
@@ -235,9 +236,10 @@ def test_dvc_pipeline_reproduces_incrementally(tmp_path, data_dir, tiny_model_pa
     env = make_tiny_project(root, data_dir, tiny_model_path)
 
     first = _dvc(root, env, "repro")
-    assert _ran(first) == {"prepare", "validate", "sft", "train", "evaluate", "plot", "register"}
+    assert _ran(first) == {"prepare", "validate", "retriever", "sft", "train", "evaluate", "plot", "register"}
     for rel in ("reports/prepare.json", "prepared/tatqa_train.json", "prepared/tatqa_dev.json", "reports/validation.json", "reports/sft.json", "models/sft/adapter_model.safetensors", "reports/train.json", "reports/train_metrics.csv", "reports/eval.json",
-                "reports/predictions.jsonl", "reports/promotion.json", "models/adapter"):
+                "reports/predictions.jsonl", "reports/promotion.json", "models/adapter", "reports/retriever.json",
+                "models/retriever/head.safetensors", "models/retriever/rankings.json"):
         assert (root / rel).exists(), rel
     assert list((root / "reports/plots").glob("*.png"))
 
@@ -256,7 +258,7 @@ def test_dvc_pipeline_reproduces_incrementally(tmp_path, data_dir, tiny_model_pa
 
     # a train knob, as an experiment: train and everything downstream re-run, validate does not
     third = _dvc(root, env, "exp", "run", "-S", "train.learning_rate=0.0005")
-    assert not {"prepare", "validate", "sft"} & _ran(third), third  # the warm start is upstream of train.*
+    assert not {"prepare", "validate", "retriever", "sft"} & _ran(third), third  # upstream of train.*
     assert {"train", "evaluate", "register"} <= _ran(third), third
     assert "train.learning_rate" in _dvc(root, env, "params", "diff")
     assert "0.0005" in (root / "params.yaml").read_text()

@@ -390,7 +390,7 @@ def test_real_prompt_examples_as_targets(data_dir):
     from fingrpo.data.finqa import load_split
     from fingrpo.data.prompts import make_examples, render_prompt
 
-    cfg = load_config(ROOT / "params.yaml")
+    cfg = load_config(ROOT / "params.yaml", ["prompt.context_mode=gold"])  # the gold facts: every gold number shown
     records = load_split(data_dir / "train.json")[:30]
     examples = make_examples(records, cfg.prompt, few_shot_records=records)
     prompts = [render_prompt(e, None, use_chat_template=False) for e in examples]

@@ -60,7 +60,7 @@ def _tiny_params(project: Path, model: Path) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"].update(train_sources=None, eval_sets=None)  # FinQA alone: data version 1 has no TAT-QA
     params["model"]["name_or_path"] = str(model)
-    params["prompt"].update(few_shot=0, max_prompt_tokens=256)
+    params["prompt"].update(few_shot=0, max_prompt_tokens=256, retriever="lexical")  # the retriever: test_serve, test_flow
     params["sft"].update(epochs=1, batch_size=16)
     params["train"].update(max_steps=2, prompts_per_step=1, group_size=2, max_new_tokens=8, warmup_steps=0,
                            save_interval=1, eval_interval=2, eval_subset_size=2, max_train_records=16)
