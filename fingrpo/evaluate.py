@@ -179,7 +179,7 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
         with ctx():
             rows, failures[name] = _generate_rows(model, tokenizer, examples, records, prompts, rewards, cfg, name)
         by_model[name] = dict(zip(keys, rows))
-    retriever = get_retriever(cfg.prompt)
+    retriever = get_retriever(cfg.prompt, required=cfg.prompt.context_mode == "retrieved")
 
     result: dict[str, Any] = {}
     summary: dict[str, Any] = {}

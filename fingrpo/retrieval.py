@@ -278,13 +278,18 @@ class CrossEncoder:
 _CACHE: dict[tuple, Any] = {}
 
 
-def get_retriever(prompt_cfg: "PromptConfig") -> Retriever:
-    """The retriever ``prompt_cfg`` names, loaded once per process and folder (reloaded when its weights change)."""
+def get_retriever(prompt_cfg: "PromptConfig", required: bool = True) -> Retriever:
+    """The retriever ``prompt_cfg`` names, loaded once per process and folder (reloaded when its weights
+    change). ``required=False``: the lexical one when the trained one is not there (a figure beside a
+    gold-fact evaluation, not a prompt)."""
     kind = getattr(prompt_cfg, "retriever", "lexical")
     if kind == "lexical":
         return LexicalRetriever()
     path = Path(prompt_cfg.retriever_dir)
     stamp = (path / HEAD_FILE).stat().st_mtime_ns if (path / HEAD_FILE).is_file() else None
+    if stamp is None and not required:
+        log.warning("%s: no trained retriever; retrieval recall is the lexical retriever's", path)
+        return LexicalRetriever()
     key = (kind, str(path.resolve()), stamp)
     if key not in _CACHE:
         _CACHE.clear()
