@@ -186,7 +186,7 @@ def retriever_stage(cfg: "Config") -> dict:
     only says so, and the summary holds the lexical figures."""
     from fingrpo.data.finqa import load_split
     from fingrpo.data.sources import eval_records, eval_sets, few_shot_records, train_sources, training_pool
-    from fingrpo.retrieval import LexicalRetriever, retrieval_recall, train_cross_encoder
+    from fingrpo.retrieval import LexicalRetriever, ranking_key, retrieval_recall, train_cross_encoder
 
     out_dir = Path(cfg.prompt.retriever_dir)
     if out_dir.is_dir():
@@ -198,7 +198,7 @@ def retriever_stage(cfg: "Config") -> dict:
                                                  cfg.retriever)
         retriever.save(out_dir)
         # rank what the later stages show once, now; the time it takes is the retrieval cost per question
-        to_rank = {r.id + r.question: r for r in [*few_shot_records(cfg), *training_pool(cfg)[1],
+        to_rank = {ranking_key(r): r for r in [*few_shot_records(cfg), *training_pool(cfg)[1],
                                                   *(r for recs in evaluated.values() for r in recs)]}
         started = time.perf_counter()
         n = retriever.save_rankings(out_dir, list(to_rank.values()))
