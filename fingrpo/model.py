@@ -20,19 +20,22 @@
 - a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` — downloaded only when online; offline it must
   already be in the Hugging Face cache.
 
-Heavy libraries (torch, transformers, peft) are imported inside the functions.
+Heavy libraries (transformers, peft) are imported inside the functions (torch comes with the rollout code greedy generation runs on).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import resource
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fingrpo.errors import ModelError
+from fingrpo.grpo.rollout import sample_groups
 
 if TYPE_CHECKING:  # pragma: no cover
     from fingrpo.config import LoraConfig, ModelConfig
@@ -237,62 +240,53 @@ def load_adapter(model: Any, adapter_dir: str | os.PathLike, is_trainable: bool 
         raise ModelError(f"{adapter_dir}: cannot load the adapter onto the base model: {e}") from None
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
 def generate_completions(
     model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, progress: bool = True
 ) -> list[str]:
-    """Greedy completions, ``batch_size`` prompts of similar length at a time (left padding, pad = eos,
-    stop at eos), returned in the order of ``prompts``.
+    """Greedy completions, ``batch_size`` prompts of similar length decoding together, returned in the
+    order of ``prompts`` (stop at eos).
 
-    Prompts are tokenized as given; special tokens are added only when a prompt does not already start
-    with the tokenizer's bos token (a chat-template prompt already holds its special tokens).
+    Decoding is :func:`fingrpo.grpo.rollout.sample_groups` at temperature 0 with one completion per
+    prompt: each prompt prefills alone (no padding), and the token prefix every prompt of a batch shares
+    (the system prompt: about half of a retrieved-facts prompt) is prefilled once per batch
+    (``share_prefix``). Prompts are tokenized as given; special tokens are added only when a prompt does
+    not already start with the tokenizer's bos token (a chat-template prompt already holds its special
+    tokens).
 
     >>> generate_completions(model, tok, ["<|im_start|>user\\nhi<|im_end|>\\n"], 8, 4)   # doctest: +SKIP
     ['...']
     """
-    import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
     if not prompts:
         return []
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id  # pad = eos (SmolLM2)
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    old_side = tokenizer.padding_side
-    old_pad = tokenizer.pad_token
-    tokenizer.padding_side = "left"  # decoder-only: every row's next token follows its own prompt
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    device = next(model.parameters()).device
+    bos = tokenizer.bos_token
+    add_special = not (bos and all(p.startswith(bos) for p in prompts))
+    ids = tokenizer(list(prompts), add_special_tokens=add_special)["input_ids"]
+    # batches of similar length (longest first: a memory problem shows at once): little cache padding in
+    # the decode batch; each row computes the same function as alone, and the order is restored
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     was_training = model.training
     model.eval()
     out: list[str] = [""] * len(prompts)
-    # batches of similar length (longest first: a memory problem shows at once), so little is padding;
-    # left padding makes a prompt's completion independent of its batch, and the order is restored
-    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress):
             rows = order[start : start + batch_size]
-            batch = [prompts[i] for i in rows]
-            bos = tokenizer.bos_token
-            add_special = not (bos and all(p.startswith(bos) for p in batch))
-            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special)
-            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            with torch.inference_mode():
-                generated = model.generate(**enc, generation_config=gen_cfg)  # (B, T_prompt + T_new)
-            new = generated[:, enc["input_ids"].shape[1] :]  # (B, T_new)
-            for i, row in zip(rows, new.tolist()):
-                if eos_id is not None and eos_id in row:
-                    row = row[: row.index(eos_id)]  # stop at eos; the rest is padding
-                out[i] = tokenizer.decode(row, skip_special_tokens=True)
+            rollout = sample_groups(model, [ids[i] for i in rows], group_size=1, max_new_tokens=max_new_tokens,
+                                    temperature=0.0, eos_token_id=eos_id, pad_token_id=pad_id, share_prefix=True)
+            for i, tokens in zip(rows, rollout.completion_token_lists()):
+                if eos_id is not None and eos_id in tokens:
+                    tokens = tokens[: tokens.index(eos_id)]  # stop at eos
+                out[i] = tokenizer.decode(tokens, skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = old_side
-        if old_pad is None:
-            tokenizer.pad_token = None
         if was_training:
             model.train()
     return out

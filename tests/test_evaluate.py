@@ -135,6 +135,32 @@ def test_generate_completions_is_greedy_and_batch_independent(tiny_model_path):
     assert generate_completions(model, tok, [], max_new_tokens=4, batch_size=2) == []
 
 
+def test_generate_completions_with_a_shared_system_prompt_equals_hf_greedy_generate(tiny_model_path):
+    """Prompts with one long system prompt (prefilled once per batch, each prompt's own tokens against it)
+    decode to exactly what transformers' greedy ``generate`` gives each prompt alone."""
+    import torch
+
+    from fingrpo.config import ModelConfig
+    from fingrpo.model import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_path)))
+    system = "You answer questions about a company's report with a program. " * 4
+    prompts = [tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                       tokenize=False, add_generation_prompt=True)
+               for q in ["What is 2 + 2?", "Revenue grew from 120 to 150; by what percent?", "hi", "net income 2019?"]]
+    got = generate_completions(model, tok, prompts, max_new_tokens=12, batch_size=4, progress=False)
+    expected = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            new = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)[0, ids["input_ids"].shape[1]:].tolist()
+        if tok.eos_token_id in new:
+            new = new[: new.index(tok.eos_token_id)]
+        expected.append(tok.decode(new, skip_special_tokens=True))
+    assert got == expected
+    assert got == generate_completions(model, tok, prompts, max_new_tokens=12, batch_size=1, progress=False)
+
+
 def test_gold_predictions_file_scores_one(tmp_path, data_dir):
     """A predictions JSONL (the harness's own format) whose programs are gold scores 1.0."""
     records = json.loads((data_dir / "dev.json").read_text())

@@ -362,6 +362,35 @@ def test_batched_decode_equals_one_prompt_at_a_time(lora_model, base_model):
             == sample_groups(lora_model, same, 2, prompts_per_batch=1, **kwargs).completion_token_lists())
 
 
+def test_a_shared_prefix_prefilled_once_decodes_as_each_prompt_alone(lora_model, monkeypatch):
+    """``share_prefix``: the prefix all prompts start with runs once, each prompt's forward only its own
+    tokens (fewer prefill tokens), and greedy decoding gives the same tokens as without sharing; a
+    prompt that IS the prefix plus one token, and prompts with no common prefix, work too."""
+    from fingrpo.grpo import rollout as R
+
+    system = _prompts((30,), seed=7)[0]
+    prompts = [torch.cat([system, tail[1:]]) for tail in _prompts((2, 12, 6, 17), seed=8)]
+    kwargs = dict(max_new_tokens=9, temperature=0.0, eos_token_id=EOS, pad_token_id=PAD)
+    fed = []
+    original = R._prompt_prefill
+
+    def spy(model, prompt, prefix):
+        fed.append(int(prompt.numel()) - (prefix.length if prefix is not None else 0))
+        return original(model, prompt, prefix)
+
+    monkeypatch.setattr(R, "_prompt_prefill", spy)
+    shared = sample_groups(lora_model, prompts, 2, share_prefix=True, prompts_per_batch=2, **kwargs)
+    assert fed == [1, 11, 5, 16]  # the 30 shared tokens are not fed again
+    fed.clear()
+    plain = sample_groups(lora_model, prompts, 2, **kwargs)
+    assert fed == [31, 41, 35, 46]
+    assert shared.completion_token_lists() == plain.completion_token_lists()
+    unrelated = _prompts((5, 8), seed=9)
+    unrelated[1][0] = 2  # no common first token: nothing shared
+    assert (sample_groups(lora_model, unrelated, 2, share_prefix=True, **kwargs).completion_token_lists()
+            == sample_groups(lora_model, unrelated, 2, **kwargs).completion_token_lists())
+
+
 def test_seeded_generator_is_reproducible(lora_model):
     prompts = _prompts()
 

@@ -210,7 +210,7 @@ def expand_cache_(cache, group_size: int, prefix: list[tuple[torch.Tensor, torch
         layer.keys, layer.values = k.expand(group_size, -1, -1, -1), v.expand(group_size, -1, -1, -1)
 
 
-def _prompt_forward(model, prompt: torch.Tensor):
+def prompt_forward(model, prompt: torch.Tensor):
     """One prompt's forward: its cache object, per-layer ``(1, H, L, D)`` (keys, values) and last logit ``(1, V)``."""
     pre = model(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
     cache = cache_of(pre)
@@ -358,8 +358,56 @@ def _decode_mask(lengths: list[int], group_size: int, capacity: int, device: tor
     return allowed
 
 
+@dataclass
+class _SharedPrefix:
+    """The first ``length`` tokens every prompt of a call starts with, prefilled once: the cache object and
+    its per-layer ``(1, H, length, D)`` keys/values."""
+
+    cache: Any
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+
+
+def _shared_prefix(model, prompts: list[torch.Tensor]) -> _SharedPrefix | None:
+    """Prefill the longest token prefix all ``prompts`` share (at most each one's length - 1: a prompt's last
+    token must stay in its own forward, whose logit picks the first completion token); None when there is
+    no such prefix or only one prompt."""
+    if len(prompts) < 2:
+        return None
+    limit = min(int(p.numel()) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < limit and all(bool(p[n] == first[n]) for p in prompts[1:]):
+        n += 1
+    if n == 0:
+        return None
+    cache, kv, _ = prompt_forward(model, first[:n])
+    return _SharedPrefix(cache, kv, n)
+
+
+def _prompt_prefill(model, prompt: torch.Tensor, prefix: _SharedPrefix | None):
+    """One prompt's forward at batch 1 (no padding), logits at its last position only; with ``prefix``, only
+    the tokens after it run, against the prefix's keys/values (RoPE positions continue from it). Returns
+    the model output and a cache object holding the whole prompt."""
+    if prefix is None:
+        out = model(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
+        return out, cache_of(out)
+    import copy
+
+    n, length = prefix.length, int(prompt.numel())
+    expand_cache_(prefix.cache, 1, prefix.kv)  # back to the prefix alone (the previous prompt appended to it)
+    out = model(input_ids=prompt[None, n:], attention_mask=torch.ones(1, length, dtype=torch.long, device=prompt.device),
+                position_ids=torch.arange(n, length, device=prompt.device)[None], cache=prefix.cache, use_cache=True,
+                logits_to_keep=1)
+    # a snapshot: the layers' new (prefix + suffix) tensors, before the next prompt resets the shared object
+    snapshot = copy.copy(prefix.cache)
+    snapshot.layers = [copy.copy(layer) for layer in prefix.cache.layers]
+    return out, snapshot
+
+
 def _decode_chunk(model, prompts: list[torch.Tensor], group_size: int, max_new_tokens: int, temperature: float,
-                  top_p: float, eos: torch.Tensor, pad_token_id: int, generator) -> tuple[torch.Tensor, ...]:
+                  top_p: float, eos: torch.Tensor, pad_token_id: int, generator,
+                  prefix: _SharedPrefix | None = None) -> tuple[torch.Tensor, ...]:
     """Sample G completions for each prompt of ``prompts`` in one decode batch of P·G rows.
 
     Each prompt's key/value cache is held once: the decode batch has one row per PROMPT, and a decode
@@ -377,8 +425,8 @@ def _decode_chunk(model, prompts: list[torch.Tensor], group_size: int, max_new_t
         # 1. prefill: one forward per prompt at batch 1 (no padding, causal), logits only at its last position
         caches, first_logits = [], []
         for p in prompts:
-            out = model(input_ids=p[None], use_cache=True, logits_to_keep=1)
-            caches.append(cache_of(out))
+            out, cache = _prompt_prefill(model, p, prefix)
+            caches.append(cache)
             first_logits.append(out.logits[:, -1])  # (1, V)
         cache = _decode_cache(caches, lengths, capacity)  # (P, H, L_max + T·G, D)
         del caches
@@ -416,6 +464,7 @@ def sample_groups(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     prompts_per_batch: int | None = None,
+    share_prefix: bool = False,
 ) -> Rollout:
     """Sample ``group_size`` completions per prompt, each prompt prefilled once (KV cache shared by G rows).
 
@@ -428,6 +477,9 @@ def sample_groups(
     - ``prompts_per_batch``: how many prompts' groups decode together (None: all). Prefill stays per prompt
       (no padding); in the decode batch shorter prompts' caches are left-padded and masked, each row keeps
       its own RoPE positions, so each row computes the same function as it would alone.
+    - ``share_prefix``: the token prefix all prompts start with (a system prompt) is prefilled once and
+      each prompt's prefill runs only its own tokens against it (the same function up to float rounding;
+      evaluation's greedy decoding of many prompts with one system prompt prefills about half the tokens).
 
     >>> r = sample_groups(model, [[1, 5, 6], [1, 7]], group_size=4, max_new_tokens=16, eos_token_id=2,
     ...                   pad_token_id=2, generator=torch.Generator().manual_seed(0))  # doctest: +SKIP
@@ -448,9 +500,10 @@ def sample_groups(
 
     ids, masks, truncated = [], [], []
     with torch.inference_mode():
+        prefix = _shared_prefix(model, prompts) if share_prefix else None
         for start in range(0, len(prompts), chunk):
             c_ids, c_mask, c_trunc = _decode_chunk(model, prompts[start:start + chunk], group_size, max_new_tokens,
-                                                   temperature, top_p, eos, pad, generator)
+                                                   temperature, top_p, eos, pad, generator, prefix)
             ids.append(c_ids)
             masks.append(c_mask)
             truncated.append(c_trunc)
@@ -540,7 +593,7 @@ def completion_logprobs(
     with shared_prompt_attention(model) as attention:
         for p, prompt in enumerate(prompts):
             rows = slice(p * g, (p + 1) * g)
-            cache, prefix, first = _prompt_forward(model, prompt)
+            cache, prefix, first = prompt_forward(model, prompt)
             logp = _rows_logprobs(model, cache, prefix, first, prompt.numel(), completion_ids[rows], temperature,
                                attention)
             out_rows.append(_zero_masked(logp, completion_mask[rows]))
@@ -574,7 +627,7 @@ class GroupLogprobs:
         self._attention_cm = shared_prompt_attention(model)
         self._attention = self._attention_cm.__enter__()
         try:
-            self._cache, prefix, first = _prompt_forward(model, self.prompt)
+            self._cache, prefix, first = prompt_forward(model, self.prompt)
         except BaseException:
             self.close()
             raise
