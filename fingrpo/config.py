@@ -221,6 +221,10 @@ class SFTConfig(_Section):
     epochs: int = Field(0, ge=0, description="passes over the train split (0: no warm start; the stage saves the fresh LoRA)")
     learning_rate: float = Field(5e-4, gt=0.0, description="AdamW peak learning rate (linear decay after warm-up)")
     batch_size: int = Field(8, ge=1, description="sequences per optimizer step")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="sequences per backward against one shared-prefix forward (memory only: the same "
+        "gradients; null: the whole batch at once)")
+    group_by_length: bool = Field(True, description="batches of similar length (less padding), in random order")
     warmup_steps: int = Field(2, ge=0, description="linear warm-up steps")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping (L2 norm)")
     seed: int = Field(0, description="seed of the LoRA init and the data order")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io as _io
 import logging
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -26,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 from fingrpo.data.prompts import make_examples, render_prompt
 from fingrpo.data.sources import few_shot_records, train_sources, training_pool
 from fingrpo.errors import TrainingError
-from fingrpo.grpo.rollout import cache_of, expand_cache_
+from fingrpo.grpo.rollout import expand_cache_, prompt_forward
 from fingrpo.io import atomic_path, write_json_atomic, write_text_atomic
-from fingrpo.model import add_lora, load_model_and_tokenizer
+from fingrpo.model import add_lora, load_model_and_tokenizer, peak_rss_mb
 
 if TYPE_CHECKING:  # pragma: no cover
     from fingrpo.config import Config
@@ -93,27 +92,105 @@ def _batch(seqs: list[tuple[list[int], int]], pad_id: int) -> dict:
     }
 
 
+def _rows_loss_sum(model: Any, batch: dict, rows: slice, prefix: Any = None):
+    """Summed next-token cross-entropy over the reply tokens of ``rows`` of the batch, and their count.
+    ``prefix``: ``(cache, per-layer keys/values)`` of the shared prefix, or None (no prefix). The rows'
+    all-padding leading columns are dropped first; vocabulary logits only for the last positions that
+    hold a reply token (left padding puts every reply at the end of its row)."""
+    import torch.nn.functional as F
+
+    n_prefix = batch["prefix"].shape[1]
+    own = batch["attention_mask"][rows, n_prefix:]  # (b, T): the rows' own tokens
+    start = int(own.any(dim=0).nonzero()[0])  # the first column any of these rows uses
+    labels = batch["labels"][rows, start:]
+    keep = min(labels.shape[1], int((labels != -100).sum(dim=1).max()) + 1)
+    kwargs: dict = {}
+    if prefix is not None:
+        cache, kv = prefix
+        expand_cache_(cache, labels.shape[0], kv)  # the prefix as a view per row (autograd sums the rows back)
+        kwargs = {"cache": cache, "use_cache": True}
+    mask_2d = batch["attention_mask"][rows]
+    logits = model(
+        input_ids=batch["input_ids"][rows, start:],
+        attention_mask=mask_2d[:, list(range(n_prefix)) + list(range(n_prefix + start, mask_2d.shape[1]))],
+        position_ids=batch["position_ids"][rows, start:], logits_to_keep=keep, **kwargs,
+    ).logits[:, :-1]  # (b, keep-1, V): position j predicts token j+1
+    target = labels[:, -keep + 1 :]
+    mask = target != -100
+    return F.cross_entropy(logits[mask].float(), target[mask], reduction="sum"), int(mask.sum())
+
+
+def _prefix_forward(model: Any, batch: dict, leaves: bool):
+    """The shared prefix's forward (once per batch): ``(cache, kv, outputs)``. With ``leaves``, ``kv`` are
+    the keys/values cut from the prefix graph into leaves (their gradients accumulate over micro-batches;
+    ``outputs`` pairs each leaf with the graph tensor to back-propagate it through)."""
+    if not batch["prefix"].shape[1]:
+        return None, []
+    cache, kv, _ = prompt_forward(model, batch["prefix"][0])
+    if not leaves:
+        return (cache, kv), []
+    cut = [tuple(t.detach().requires_grad_() if t.requires_grad else t for t in pair) for pair in kv]
+    outputs = [(t, leaf) for pair, pair_cut in zip(kv, cut) for t, leaf in zip(pair, pair_cut) if t.requires_grad]
+    return (cache, cut), outputs
+
+
 def reply_loss(model: Any, batch: dict):
     """Mean next-token cross-entropy over the reply tokens (``labels != -100``), every reply token of the
     batch weighing the same. The shared prefix runs once (its KV cache expanded to the B rows as a view:
-    autograd sums the rows' gradients back into it); vocabulary logits only for the last ``keep`` positions."""
-    import torch.nn.functional as F
+    autograd sums the rows' gradients back into it); vocabulary logits only for the last positions."""
+    prefix, _ = _prefix_forward(model, batch, leaves=False)
+    total, n = _rows_loss_sum(model, batch, slice(None), prefix)
+    return total / n
+
+
+def reply_loss_backward(model: Any, batch: dict, micro_batch_size: int | None = None):
+    """``reply_loss(model, batch).backward()``, with the rows back-propagated ``micro_batch_size`` at a time
+    against ONE forward of the shared prefix (as :class:`fingrpo.grpo.rollout.GroupLogprobs` does): each
+    micro-batch's backward frees its activations while the prefix's cut keys/values accumulate their
+    gradients, which then go through the prefix's forward once. Same loss and gradients (each micro-batch's
+    summed loss is divided by the whole batch's reply tokens); the peak holds one micro-batch's
+    activations. Returns the batch's (detached) mean loss."""
+    import torch
 
     b = batch["input_ids"].shape[0]
-    kwargs: dict = {}
-    if batch["prefix"].shape[1]:
-        pre = model(input_ids=batch["prefix"], use_cache=True, logits_to_keep=1)
-        cache = cache_of(pre)
-        expand_cache_(cache, b)
-        kwargs = {"cache": cache, "use_cache": True}
-    keep = batch["keep"]
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-        logits_to_keep=keep, **kwargs,
-    ).logits[:, :-1]  # (B, keep-1, V): position j predicts token j+1
-    target = batch["labels"][:, -keep + 1 :]  # (B, keep-1)
-    mask = target != -100
-    return F.cross_entropy(logits[mask].float(), target[mask])
+    if not micro_batch_size or micro_batch_size >= b:
+        loss = reply_loss(model, batch)
+        loss.backward()
+        return loss.detach()
+    n_total = int((batch["labels"] != -100).sum())
+    prefix, outputs = _prefix_forward(model, batch, leaves=True)
+    loss = torch.zeros(())
+    for start in range(0, b, micro_batch_size):
+        part, _ = _rows_loss_sum(model, batch, slice(start, start + micro_batch_size), prefix)
+        part = part / n_total
+        part.backward()
+        loss = loss + part.detach()
+    pairs = [(t, leaf.grad) for t, leaf in outputs if leaf.grad is not None]
+    if pairs:
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+    return loss
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, generator: Any, group_by_length: bool = True) -> list[list[int]]:
+    """One epoch's batches of sequence indices: a random order cut into batches; with ``group_by_length``
+    (as transformers' ``group_by_length``), windows of 50 batches of that order are sorted by length before
+    the cut and the batches shuffled, so a batch pads little. Every index once per epoch.
+
+    >>> import torch
+    >>> epoch_batches([5, 50, 6, 51], 2, torch.Generator().manual_seed(0))
+    [[3, 1], [2, 0]]
+    """
+    import torch
+
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    window = 50 * batch_size
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: -lengths[i])
+        batches += [chunk[s : s + batch_size] for s in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def run_sft(model: Any, tokenizer: Any, examples: Sequence[Any], cfg: "Config", progress: bool = True) -> dict:
@@ -129,7 +206,8 @@ def run_sft(model: Any, tokenizer: Any, examples: Sequence[Any], cfg: "Config", 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("sft: the model has no trainable parameters (is the LoRA adapter active?)")
-    steps_per_epoch = math.ceil(len(seqs) / scfg.batch_size)
+    lengths = [len(ids) for ids, _ in seqs]
+    steps_per_epoch = len(epoch_batches(lengths, scfg.batch_size, torch.Generator().manual_seed(0), scfg.group_by_length))
     total = steps_per_epoch * scfg.epochs
     optimizer = torch.optim.AdamW(params, lr=scfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=min(scfg.warmup_steps, total), num_training_steps=max(1, total))
@@ -141,17 +219,14 @@ def run_sft(model: Any, tokenizer: Any, examples: Sequence[Any], cfg: "Config", 
     step = 0
     try:
         for epoch in range(scfg.epochs):
-            order = torch.randperm(len(seqs), generator=gen).tolist()
-            for start in range(0, len(order), scfg.batch_size):
-                batch = [seqs[i] for i in order[start : start + scfg.batch_size]]
-                tensors = _batch(batch, pad_id)
-                loss = reply_loss(model, tensors)
+            for batch_ids in epoch_batches(lengths, scfg.batch_size, gen, scfg.group_by_length):
+                tensors = _batch([seqs[i] for i in batch_ids], pad_id)
+                optimizer.zero_grad(set_to_none=True)
+                loss = reply_loss_backward(model, tensors, scfg.micro_batch_size)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"sft step {step + 1}: the loss is {loss.item()} (lower sft.learning_rate)"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, scfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -175,6 +250,7 @@ def run_sft(model: Any, tokenizer: Any, examples: Sequence[Any], cfg: "Config", 
         "first_epoch_loss": sum(r["loss"] for r in first) / len(first) if first else None,
         "last_epoch_loss": sum(r["loss"] for r in last) / len(last) if last else None,
         "seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
     }
 
 
@@ -222,4 +298,4 @@ def sft_from_config(cfg: "Config") -> dict:
     return summary
 
 
-__all__ = ["sft_sequences", "reply_loss", "run_sft", "sft_from_config"]
+__all__ = ["epoch_batches", "reply_loss", "reply_loss_backward", "run_sft", "sft_from_config", "sft_sequences"]

@@ -81,6 +81,69 @@ def test_shared_prefix_batch_equals_per_sequence_loss_and_gradients(tmp_path, ti
         assert torch.allclose(g, r, rtol=1e-3, atol=1e-6)
 
 
+def test_micro_batches_against_one_prefix_give_the_whole_batch_gradients(tmp_path, tiny_model_path, tiny_finqa):
+    """``sft.micro_batch_size``: rows back-propagated 1 or 2 at a time against one forward of the shared
+    prefix give the loss and the gradients of the whole batch's backward; the prefix runs once."""
+    import torch
+
+    from fingrpo.data.finqa import load_split
+    from fingrpo.data.prompts import make_examples
+    from fingrpo.model import add_lora, load_model_and_tokenizer
+    from fingrpo.sft import _batch, reply_loss_backward, sft_sequences
+
+    cfg = sft_cfg(tmp_path, tiny_model_path, tiny_finqa)
+    model, tok = load_model_and_tokenizer(cfg.model)
+    model = add_lora(model, cfg.lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.1)
+    seqs = sft_sequences(make_examples(load_split(cfg.data.train_path)[:5], cfg.prompt, tok), tok)
+    batch = _batch(seqs, tok.pad_token_id)
+    assert batch["prefix"].shape[1] > 100 and len({len(ids) for ids, _ in seqs}) > 2
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(micro):
+        model.zero_grad(set_to_none=True)
+        calls = []
+        hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+        try:
+            loss = reply_loss_backward(model, batch, micro)
+        finally:
+            hook.remove()
+        return loss.item(), [p.grad.clone() for p in params], calls
+
+    whole, g_whole, calls_whole = grads(None)
+    for micro in (1, 2):
+        loss, g, calls = grads(micro)
+        assert abs(loss - whole) < 1e-5
+        assert sum(1 for shape in calls if shape[1] == batch["prefix"].shape[1]) == 1  # the prefix once
+        assert len(calls) == 1 + -(-len(seqs) // micro)
+        for a, b in zip(g, g_whole):
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    assert len(calls_whole) == 2
+
+
+def test_batches_of_similar_length_cover_each_sequence_once_per_epoch():
+    import torch
+
+    from fingrpo.sft import epoch_batches
+
+    lengths = [10, 500, 12, 480, 11, 530, 9, 510, 13, 490, 14, 505]
+    gen = torch.Generator().manual_seed(0)
+    firsts = []
+    for _ in range(3):
+        batches = epoch_batches(lengths, 3, gen)
+        assert sorted(i for b in batches for i in b) == list(range(12))
+        assert all(len({lengths[i] > 100 for i in b}) == 1 for b in batches)  # long with long, short with short
+        assert sum(max(lengths[i] for i in b) * len(b) for b in batches) <= 1.1 * sum(lengths)
+        firsts.append(batches[0])
+    assert len({tuple(b) for b in firsts}) > 1  # a new order every epoch
+    plain = epoch_batches(lengths, 3, torch.Generator().manual_seed(0), group_by_length=False)
+    assert sorted(i for b in plain for i in b) == list(range(12))
+
+
 def test_sft_loss_falls_and_adapter_moves(tmp_path, tiny_model_path, tiny_finqa):
     import torch
 

@@ -45,8 +45,6 @@ import json
 import math
 import os
 import random
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_checkable
@@ -62,7 +60,7 @@ from fingrpo.grpo.checkpoint import latest_checkpoint
 from fingrpo.grpo.loss import GRPOLoss, group_advantages, zero_std_fraction
 from fingrpo.grpo.rollout import GroupBatch, GroupLogprobs, StepRollout, completion_logprobs, sample_groups
 from fingrpo.io import atomic_path, write_json_atomic, write_text_atomic
-from fingrpo.model import add_lora, generate_completions, load_adapter, load_model_and_tokenizer
+from fingrpo.model import add_lora, generate_completions, load_adapter, load_model_and_tokenizer, peak_rss_mb
 from fingrpo.rewards import build_rewards, reward_completions
 from fingrpo.scoring import score_prediction
 
@@ -92,12 +90,6 @@ class TrainerCallback(Protocol):
     def on_evaluate(self, step: int, metrics: dict, samples: list[dict]) -> None: ...
     def on_save(self, step: int, path: Path) -> None: ...
     def on_train_end(self, summary: dict) -> None: ...
-
-
-def _peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -701,7 +693,7 @@ class GRPOTrainer:
             "last_eval": self.last_eval,
             "nonfinite_skips": self.nonfinite_skips,
             "checkpoint": str(latest_checkpoint(train_cfg.checkpoint_dir)),
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
             "num_processes": self.world,
             "output_dir": output_dir,
         }
