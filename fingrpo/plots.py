@@ -51,6 +51,10 @@ PLOT_FILES = (
     "ratio_clipping.png",
     "base_vs_trained.png",
 )
+#: the models of eval.json drawn in base_vs_trained.png (key, label, colour), those present
+_MODEL_BARS = [("base", "base model", "tab:gray"), ("adapter", "trained adapter, retrieved facts (served)", "tab:blue"),
+               ("adapter_gold_facts", "trained adapter, gold facts (oracle)", "tab:green")]
+EVAL_MODELS = tuple(k for k, _, _ in _MODEL_BARS)
 #: eval.json metrics compared in base_vs_trained.png, in this order (those present are drawn).
 EVAL_METRICS = ("execution_accuracy", "tolerant_accuracy", "program_accuracy", "format_rate")
 _REWARD_PREFIX = "reward/"
@@ -99,7 +103,7 @@ def read_metrics_csv(path: str | os.PathLike):
 
 
 def read_eval_json(path: str | os.PathLike) -> dict[str, dict[str, dict]]:
-    """``eval.json`` -> ``{split: {"base"/"adapter": metrics}}``, or ``{"<split>/<set>": ...}`` for an
+    """``eval.json`` -> ``{split: {"base"/"adapter"/"adapter_gold_facts": metrics}}``, or ``{"<split>/<set>": ...}`` for an
     eval.json of several evaluation sets (other top-level keys are ignored).
 
     Raises :class:`DataError` when the file is missing/malformed or holds no split with a model's metrics.
@@ -108,7 +112,7 @@ def read_eval_json(path: str | os.PathLike) -> dict[str, dict[str, dict]]:
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object of splits, got {type(data).__name__}")
     def models(body: dict) -> dict:
-        return {model: m for model, m in body.items() if model in ("base", "adapter") and isinstance(m, dict)}
+        return {model: m for model, m in body.items() if model in EVAL_MODELS and isinstance(m, dict)}
 
     splits: dict[str, dict] = {}
     for split, body in data.items():
@@ -422,7 +426,9 @@ def plot_base_vs_trained(evaluation: dict[str, dict[str, dict]], path: Path) -> 
     has them, holds the mean of each reward function."""
     import numpy as np
 
-    models = [("base", "base model", "tab:gray"), ("adapter", "GRPO adapter", "tab:blue")]
+    present = {k for body in evaluation.values() for k in body}
+    models = [m for m in _MODEL_BARS if m[0] in present]
+    width = 0.8 / max(1, len(models))
     columns: list[tuple[str, dict, bool]] = []  # (title, {model: metrics}, is the full split)
     for split in sorted(evaluation):
         body = evaluation[split]
@@ -442,13 +448,12 @@ def plot_base_vs_trained(evaluation: dict[str, dict[str, dict]], path: Path) -> 
             _empty_panel(ax, f"no {', '.join(EVAL_METRICS)} in eval.json")
         else:
             x = np.arange(len(metrics))
-            width = 0.38
             for i, (key, label, color) in enumerate(models):
                 if key not in body:
                     continue
                 vals, errs = _values_and_errors(body[key], metrics)
                 n = body[key].get("n")
-                bars = ax.bar(x + (i - 0.5) * width, vals, width, yerr=errs, capsize=3, color=color,
+                bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, yerr=errs, capsize=3, color=color,
                               label=f"{label}" + (f" (n={n})" if n else ""))
                 ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
             ax.set_xticks(x, [m.replace("_", "\n") for m in metrics], fontsize=8)
@@ -471,11 +476,13 @@ def plot_base_vs_trained(evaluation: dict[str, dict[str, dict]], path: Path) -> 
             rewards = (body.get(key) or {}).get("rewards") or {}
             vals = [float(rewards[n]) if _is_finite_number(rewards.get(n)) else np.nan for n in names]
             if key in body:
-                ax_r.bar(x + (i - 0.5) * 0.38, vals, 0.38, color=color, label=label)
+                ax_r.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, color=color, label=label)
         ax_r.set_xticks(x, names, fontsize=8, rotation=20)
         ax_r.grid(axis="y", alpha=0.3)
         ax_r.legend(fontsize=8)
-    fig.suptitle("base model vs GRPO-trained adapter")
+    fig.suptitle("the trained adapter with the facts a served question gets"
+                 + (", the base model" if "base" in present else "")
+                 + (", and the adapter with the gold facts (an oracle retriever)" if "adapter_gold_facts" in present else ""))
     return _save(fig, path)
 
 

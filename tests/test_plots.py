@@ -164,6 +164,21 @@ def test_eval_only_and_prediction_reward_distributions(tmp_path):
     assert "train_metrics.csv not found" in placeholder_note(paths["training_curves.png"])
 
 
+def test_served_and_oracle_figures_without_the_base_model(tmp_path):
+    """An eval.json of several sets with the served adapter and the gold-fact oracle, no base model
+    (``evaluate.compare_base: false``): both models are read and drawn."""
+    from fingrpo.plots import plot_base_vs_trained, read_eval_json
+
+    fig = {"n": 10, "execution_accuracy": 0.2, "execution_accuracy_ci": [0.1, 0.3], "format_rate": 1.0}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"dev": {"finqa_random": {"adapter": fig, "adapter_gold_facts": dict(fig, execution_accuracy=0.3)},
+                                        "pooled": {"adapter": fig}}, "summary": {"x": 1}}))
+    evaluation = read_eval_json(path)
+    assert evaluation["dev/finqa_random"].keys() == {"adapter", "adapter_gold_facts"}
+    assert evaluation["dev/finqa_random"]["adapter_gold_facts"]["execution_accuracy"] == 0.3
+    _assert_real_png(plot_base_vs_trained(evaluation, tmp_path / "bars.png"))
+
+
 def test_no_inputs_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="nothing to plot.*train_metrics.csv.*eval.json"):
         plot_from_config(_cfg(tmp_path), output_dir=tmp_path / "plots")
