@@ -86,7 +86,8 @@ def lexical_scores(question: str, texts: Sequence[str]) -> list[float]:
         for t in ts:
             df[t] = df.get(t, 0) + 1
     n = len(texts)
-    return [sum((math.log(1.0 + n / df[t]) for t in ts), 0.0) for ts in term_sets]
+    # summed in sorted order: a set's order follows the string hash seed, and float addition is not associative
+    return [sum((math.log(1.0 + n / df[t]) for t in sorted(ts)), 0.0) for ts in term_sets]
 
 
 def facts(rec: FinQARecord) -> list[tuple[str, str]]:
