@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io as _io
 import logging
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -69,7 +70,7 @@ def _batch(seqs: list[tuple[list[int], int]], pad_id: int) -> dict:
     """The batch as a shared ``prefix`` (1, P) — the tokens all rows start with, computed once — and
     left-padded per-row ``input_ids`` (B, T) after it, with the ``attention_mask`` (B, P+T) over both,
     ``position_ids`` (B, T) and ``labels`` (B, T; -100 on prompt and padding). Left padding puts every
-    reply at the end of its row, so vocabulary logits are needed only for the last ``keep`` positions."""
+    reply at the end of its row, so vocabulary logits are needed only for the last positions."""
     import torch
 
     n_prefix = _common_prefix(seqs)
@@ -88,7 +89,6 @@ def _batch(seqs: list[tuple[list[int], int]], pad_id: int) -> dict:
     return {
         "prefix": torch.tensor(seqs[0][0][:n_prefix], dtype=torch.long)[None],
         "input_ids": input_ids, "attention_mask": full_mask, "position_ids": positions, "labels": labels,
-        "keep": max(len(ids) - n_prompt for ids, n_prompt in rows) + 1,
     }
 
 
@@ -121,7 +121,8 @@ def _rows_loss_sum(model: Any, batch: dict, rows: slice, prefix: Any = None):
 
 
 def _prefix_forward(model: Any, batch: dict, leaves: bool):
-    """The shared prefix's forward (once per batch): ``(cache, kv, outputs)``. With ``leaves``, ``kv`` are
+    """The shared prefix's forward (once per batch): ``((cache, kv), outputs)``, ``(None, [])`` without a
+    prefix. With ``leaves``, ``kv`` are
     the keys/values cut from the prefix graph into leaves (their gradients accumulate over micro-batches;
     ``outputs`` pairs each leaf with the graph tensor to back-propagate it through)."""
     if not batch["prefix"].shape[1]:
@@ -207,7 +208,7 @@ def run_sft(model: Any, tokenizer: Any, examples: Sequence[Any], cfg: "Config", 
     if not params:
         raise TrainingError("sft: the model has no trainable parameters (is the LoRA adapter active?)")
     lengths = [len(ids) for ids, _ in seqs]
-    steps_per_epoch = len(epoch_batches(lengths, scfg.batch_size, torch.Generator().manual_seed(0), scfg.group_by_length))
+    steps_per_epoch = math.ceil(len(seqs) / scfg.batch_size)  # epoch_batches' count too (windows of whole batches)
     total = steps_per_epoch * scfg.epochs
     optimizer = torch.optim.AdamW(params, lr=scfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=min(scfg.warmup_steps, total), num_training_steps=max(1, total))

@@ -35,6 +35,7 @@ attention, or a peft model over one; ``transformers`` 5 names the cache argument
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -392,8 +393,6 @@ def _prompt_prefill(model, prompt: torch.Tensor, prefix: _SharedPrefix | None):
     if prefix is None:
         out = model(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
         return out, cache_of(out)
-    import copy
-
     n, length = prefix.length, int(prompt.numel())
     expand_cache_(prefix.cache, 1, prefix.kv)  # back to the prefix alone (the previous prompt appended to it)
     out = model(input_ids=prompt[None, n:], attention_mask=torch.ones(1, length, dtype=torch.long, device=prompt.device),
