@@ -184,6 +184,16 @@ class TrainConfig(_Section):
     advantage_scale: Literal["group", "batch", "none"] = Field(
         "group", description="divide advantages by the group's std, the batch's std, or not at all"
     )
+    dynamic_sampling: bool = Field(False, description="DAPO: groups whose rewards are all equal leave the update; "
+                                   "the step is refilled with fresh prompts, at most dynamic_sampling_max_refill")
+    dynamic_sampling_max_refill: int = Field(8, ge=0, description="extra prompts one step may sample (all processes)")
+    prompt_sampler: Literal["epoch", "difficulty"] = Field(
+        "epoch", description="epoch: seeded order per epoch | difficulty: prefer running pass rates in (0, 1)")
+    difficulty_floor: float = Field(0.1, gt=0.0, le=1.0, description="draw weight of a prompt always or never solved")
+    difficulty_ema: float = Field(0.5, gt=0.0, le=1.0, description="weight of the latest visit in the running pass rate")
+    gold_guidance: bool = Field(False, description="a group with no correct completion gets the gold reply in place "
+                                "of one completion (off-policy, shaped: docs/architecture.md)")
+    gold_guidance_gamma: float = Field(0.1, gt=0.0, description="gamma of the off-policy shaping f(p) = p / (p + gamma)")
     save_interval: int = Field(5, ge=1, description="checkpoint every N steps (and at the end)")
     eval_interval: int = Field(10, ge=1, description="quick dev evaluation every N steps")
     eval_subset_size: int = Field(8, ge=1, description="fixed dev records used by the quick evaluation")
@@ -255,9 +265,8 @@ class EvaluateConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description="greedy generation length")
     batch_size: int = Field(8, ge=1, description="records generated together")
     compare_base: bool = Field(True, description="also evaluate the base model (adapter off) under the same harness")
-    oracle_gold: bool = Field(
-        True, description="context_mode retrieved/full: also the adapter with the gold facts (model adapter_gold_facts)"
-    )
+    oracle_gold: bool = Field(True, description="context_mode retrieved/full: also the adapter with the gold facts "
+                              "(model adapter_gold_facts)")
     bootstrap_samples: int = Field(1000, ge=10, description="bootstrap resamples for 95% intervals")
     bootstrap_seed: int = Field(0, description="seed of the bootstrap resampling (same intervals on every run)")
     rel_tolerance: float = Field(

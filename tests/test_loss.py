@@ -278,3 +278,45 @@ def test_group_advantages_errors():
         group_advantages(torch.tensor([0.0, 1.0, 0.0, float("nan")]), group_size=2)
     with pytest.raises(ConfigError, match="advantage scale"):
         group_advantages(torch.zeros(4), group_size=2, scale="global")
+
+
+# ------------------------------------------------------------------------------- off-policy (gold-guided) rows
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_off_policy_rows_take_the_shaped_probability_and_its_gradient(loss_type):
+    """A gold row: ℓ = −f(π_θ)·Â with f(x) = x/(x+γ); ∂ℓ/∂logπ = −Â·γπ/(π+γ)² (the written-down formula);
+    on-policy rows keep ρ ≡ 1 (gradient −Â); ratio statistics count on-policy tokens only."""
+    gamma = 0.1
+    logp = torch.log(torch.tensor([[0.9, 0.05, 0.5], [0.3, 0.6, 0.2]], dtype=torch.float64)).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([1.5, -0.5], dtype=torch.float64)
+    off = torch.tensor([True, False])
+    loss_fn = GRPOLoss(epsilon=0.2, beta=0.0, loss_type=loss_type, off_policy_gamma=gamma)
+    loss, stats = loss_fn(logp, None, None, adv, mask, off_policy=off)
+    loss.backward()
+
+    p = logp.detach().exp()
+    per_token = torch.where(torch.tensor([[True], [False]]), -(p / (p + gamma)) * adv[:, None], -adv[:, None].expand(2, 3))
+    dper = torch.where(torch.tensor([[True], [False]]), -adv[:, None] * gamma * p / (p + gamma) ** 2, -adv[:, None].expand(2, 3))
+    m = mask.double()
+    if loss_type == "dapo":
+        expected, grad = (per_token * m).sum() / m.sum(), dper * m / m.sum()
+    else:  # grpo: per-sequence token means, averaged over sequences
+        lengths = m.sum(dim=1, keepdim=True)
+        expected, grad = ((per_token * m).sum(dim=1) / lengths[:, 0]).sum() / 2, dper * m / lengths / 2
+    assert float(loss) == pytest.approx(float(expected), rel=1e-12)
+    assert torch.allclose(logp.grad, grad, rtol=1e-10, atol=1e-14)
+    assert logp.grad[0, 2] == 0.0  # masked
+    # the unlikely gold token (p = 0.05) gets a larger push than the likely one (p = 0.9)
+    assert abs(float(logp.grad[0, 1])) > abs(float(logp.grad[0, 0]))
+    assert stats["ratio_mean"] == 1.0 and stats["clip_fraction"] == 0.0
+    assert stats["num_tokens"] == 5.0
+
+
+def test_off_policy_shape_and_gamma_are_checked():
+    lp = torch.zeros(2, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="off_policy"):
+        GRPOLoss(beta=0.0)(lp, None, None, torch.ones(2), torch.ones(2, 2), off_policy=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(Exception, match="gamma"):
+        GRPOLoss(beta=0.0, off_policy_gamma=0.0)

@@ -265,9 +265,9 @@ def _nan_gradient_hook(trainer, bad_updates: set[int]):
     param = trainer.params[0]
     update = trainer._update
 
-    def counting_update(micro):
+    def counting_update(micro, **kwargs):
         counter["update"] += 1
-        return update(micro)
+        return update(micro, **kwargs)
 
     def hook(grad):  # every backward of the update (per chunk of completions, per prompt)
         return torch.full_like(grad, float("nan")) if counter["update"] in bad_updates else grad
@@ -441,3 +441,205 @@ def test_resume_refuses_a_pickled_optimizer_file(tmp_path, tiny_model_path):
     (ckpt / "optimizer.pt").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(TrainingError, match=r"step-2/optimizer.pt: refused to load \(weights_only\)"):
         make_trainer(cfg).train(resume=True)
+
+
+# --------------------------------------------------------------- keeping the signal: dynamic sampling, sampler, gold
+
+
+class Scripted(RewardFunction):
+    """'program_execution' by prompt: 'question i' with i < solved is always right (1.0), i < solved + unsolved
+    always wrong (0.0); the others are right on every second call, so each of their groups (scored in order,
+    G even) is half right: a mixed group whatever the tiny model writes."""
+
+    name = "program_execution"
+
+    def __init__(self, solved: int = 4, unsolved: int = 4) -> None:
+        self.solved, self.unsolved, self.calls = solved, unsolved, 0
+
+    def __call__(self, prompt, completion, target=None):
+        i = int(prompt.split()[1].rstrip(":"))
+        if i < self.solved:
+            return 1.0
+        if i < self.solved + self.unsolved:
+            return 0.0
+        self.calls += 1
+        return float(self.calls % 2)
+
+
+def _capture_updates(trainer) -> list[list]:
+    """Record, per optimizer update, each group's (advantages, off_policy, completion ids, prompt text)."""
+    seen: list[list] = []
+    update = trainer._update
+
+    def capturing(batches, **kwargs):
+        groups = []
+        for b in batches:
+            for p, (_, rows) in enumerate(b.groups()):
+                groups.append({"advantages": b.advantages[rows].clone(),
+                               "off_policy": None if b.off_policy is None else b.off_policy[rows].clone(),
+                               "ids": b.rollout.completion_ids[rows].clone(), "mask": b.rollout.completion_mask[rows].clone(),
+                               "prompt": trainer.render(b.examples[p])})
+        seen.append(groups)
+        return update(batches, **kwargs)
+
+    trainer._update = capturing
+    return seen
+
+
+def test_dynamic_sampling_updates_on_mixed_groups_only_and_refills_the_step(tmp_path, tiny_model_path):
+    cfg = tiny_cfg(tmp_path, tiny_model_path, max_steps=3, beta=0.0, dynamic_sampling=True,
+                   dynamic_sampling_max_refill=12)
+    trainer = make_trainer(cfg, rewards=[Scripted(solved=4, unsolved=4)])
+    seen = _capture_updates(trainer)
+    trainer.train()
+    rows = read_csv(cfg.train.metrics_path)
+    for groups, row in zip(seen, rows):
+        # the update sees only groups with a spread of rewards, and the configured number of them
+        assert len(groups) == cfg.train.prompts_per_step
+        assert all(bool((g["advantages"] != 0).any()) for g in groups)
+        assert all(int(g["prompt"].split()[1].rstrip(":")) >= 8 for g in groups)
+        dropped, refill = float(row["dynamic/dropped_groups"]), float(row["dynamic/refill_prompts"])
+        assert float(row["dynamic/sampled_groups"]) == 4 + refill and float(row["dynamic/kept_groups"]) == 4
+        assert dropped == refill  # every dropped group was replaced (the bound was not reached here)
+        assert 0.0 <= float(row["zero_std_all_right_fraction"]) <= float(row["zero_std_group_fraction"])
+    assert sum(float(r["dynamic/dropped_groups"]) for r in rows) > 0  # 8 of the 16 prompts give equal rewards
+    # the data position counts every prompt sampled (the refills too)
+    assert trainer.data_position == sum(4 + float(r["dynamic/refill_prompts"]) for r in rows)
+
+
+def test_dynamic_sampling_stops_at_its_bound_and_then_does_not_update(tmp_path, tiny_model_path):
+    cfg = tiny_cfg(tmp_path, tiny_model_path, max_steps=1, beta=0.0, dynamic_sampling=True,
+                   dynamic_sampling_max_refill=6)
+    trainer = make_trainer(cfg, rewards=[Scripted(solved=16, unsolved=0)])  # every prompt always right
+    before = lora_state(trainer)
+    seen = _capture_updates(trainer)
+    trainer.train()
+    row = read_csv(cfg.train.metrics_path)[0]
+    assert float(row["dynamic/sampled_groups"]) == 4 + 6 and float(row["dynamic/refill_prompts"]) == 6
+    assert float(row["dynamic/kept_groups"]) == 0 and float(row["zero_std_all_right_fraction"]) == 1.0
+    assert seen == [[]]
+    after = lora_state(trainer)
+    assert all(bool((after[k] == before[k]).all()) for k in before)  # no optimizer step on nothing
+
+
+def test_without_dynamic_sampling_equal_groups_stay_in_the_update(tmp_path, tiny_model_path):
+    cfg = tiny_cfg(tmp_path, tiny_model_path, max_steps=2, beta=0.0)
+    trainer = make_trainer(cfg, rewards=[Scripted(solved=4, unsolved=4)])
+    seen = _capture_updates(trainer)
+    trainer.train()
+    assert [len(g) for g in seen] == [4, 4]
+    prompts = [int(g["prompt"].split()[1].rstrip(":")) for groups in seen for g in groups]
+    assert prompts == trainer._step_indices(0) + trainer._step_indices(4)
+
+
+def test_difficulty_sampler_prefers_mixed_prompts():
+    from fingrpo.grpo.sampler import DifficultySampler
+
+    s = DifficultySampler(30, seed=0, floor=0.1)
+    for i in range(10):
+        s.update(i, correct=8, attempts=8)       # always right
+        s.update(10 + i, correct=4, attempts=8)  # mixed
+    # 20..29 unseen: weight 1, as the mixed ones
+    picks = [i for step in range(200) for i in s.choose(5, step)]
+    assert all(len(set(s.choose(5, step))) == 5 for step in range(20))
+    solved = sum(i < 10 for i in picks) / len(picks)
+    assert solved < 0.1 and sum(10 <= i < 20 for i in picks) / len(picks) > 0.4
+    assert s.choose(5, 7) == s.choose(5, 7)
+    assert set(s.choose(30, 3, exclude=[1, 2])) == set(range(30)) - {1, 2}
+
+
+@pytest.mark.parametrize("crash", [False], ids=["graceful-stop"])
+def test_difficulty_sampler_resume_makes_the_same_choices(tmp_path, tiny_model_path, crash):
+    def run(folder, stop_at=None, resume=False):
+        cfg = tiny_cfg(folder, tiny_model_path, max_steps=4, beta=0.0, prompt_sampler="difficulty", save_interval=1)
+        trainer = make_trainer(cfg, rewards=[Scripted(solved=4, unsolved=4)],
+                               callbacks=[_stop_at(stop_at, crash)] if stop_at else ())
+        choices = []
+        choose = trainer._choose
+        trainer._choose = lambda *a, **k: choices.append(choose(*a, **k)) or choices[-1]
+        trainer.train(resume=resume)
+        return trainer, choices
+
+    straight, straight_choices = run(tmp_path / "a")
+    _, first = run(tmp_path / "b", stop_at=2)
+    resumed, second = run(tmp_path / "b", resume=True)
+    assert first + second == straight_choices
+    assert resumed.sampler.state_dict() == straight.sampler.state_dict()
+    assert straight.sampler.summary()["sampler/seen_fraction"] > 0
+    a, b = lora_state(straight), lora_state(resumed)
+    assert all(torch_allclose(a[k], b[k]) for k in a)
+
+
+def torch_allclose(x, y) -> bool:
+    import torch
+
+    return bool(torch.allclose(x, y, rtol=1e-5, atol=1e-7))
+
+
+def _gold_examples(n: int = 8):
+    from fingrpo.data.prompts import PromptExample
+
+    return [PromptExample(id=f"q{i}", messages=[{"role": "user", "content": f"question {i}: add one and two"}],
+                          target="Program: add(1, 2)", exe_ans=3.0, program="add(1, 2)", table=[]) for i in range(n)]
+
+
+class GoldOnly(RewardFunction):
+    """'program_execution': 1.0 only for the gold program's text (the tiny model never writes it)."""
+
+    name = "program_execution"
+
+    def __call__(self, prompt, completion, target=None):
+        return 1.0 if "add(1, 2)" in completion else 0.01 * len(completion)
+
+
+def test_gold_guided_groups_carry_the_gold_reply_and_the_formula_loss(tmp_path, tiny_model_path):
+    import torch
+
+    from fingrpo.grpo.rollout import completion_logprobs
+
+    cfg = tiny_cfg(tmp_path, tiny_model_path, max_steps=1, beta=0.0, max_new_tokens=24, gold_guidance=True,
+                   loss_type="dapo", prompts_per_step=2)
+    trainer = make_trainer(cfg, rewards=[GoldOnly()], examples=_gold_examples())
+    G, gamma = cfg.train.group_size, cfg.train.gold_guidance_gamma
+    gold = trainer.tokenizer("Program: add(1, 2)", add_special_tokens=False)["input_ids"] + [trainer.tokenizer.eos_token_id]
+    expected = {}
+    update = trainer._update
+
+    def checking(batches, **kwargs):
+        # the loss the formula gives, from log-probs computed apart (before the update moves anything)
+        num, tokens = 0.0, 0.0
+        with torch.no_grad():
+            for b in batches:
+                for p, (prompt, rows) in enumerate(b.groups()):
+                    ids, mask = b.rollout.completion_ids[rows], b.rollout.completion_mask[rows]
+                    lp = completion_logprobs(trainer.model, [prompt], ids, mask, G, temperature=cfg.train.temperature)
+                    adv, off = b.advantages[rows].double(), b.off_policy[rows]
+                    prob = lp.double().exp()
+                    term = torch.where(off[:, None], -(prob / (prob + gamma)) * adv[:, None], -adv[:, None].expand_as(prob))
+                    num += float((term * mask).sum())
+                    tokens += float(mask.sum())
+                    expected.setdefault("rows", []).append((ids[G - 1, : len(gold)].tolist(), off.tolist(), adv.tolist()))
+        expected["loss"] = num / tokens
+        out = update(batches, **kwargs)
+        expected["got"] = out["loss"]
+        return out
+
+    trainer._update = checking
+    trainer.train()
+    assert len(expected["rows"]) == 2
+    for ids, off, adv in expected["rows"]:
+        assert ids == gold and off == [False] * (G - 1) + [True]
+        assert adv[-1] > 0 and all(a < 0 for a in adv[:-1])  # the gold row is the group's best
+    assert expected["got"] == pytest.approx(expected["loss"], rel=1e-4, abs=1e-6)
+    row = read_csv(cfg.train.metrics_path)[0]
+    assert float(row["gold_guided_fraction"]) == 1.0 and float(row["zero_std_all_wrong_fraction"]) >= 0.0
+    assert float(row["reward/program_execution_mean"]) < 1.0  # metrics: the policy's own samples, not the gold row
+
+
+def test_gold_guidance_and_difficulty_need_the_correctness_reward(tmp_path, tiny_model_path):
+    from fingrpo.errors import ConfigError
+
+    for knob in ({"gold_guidance": True}, {"prompt_sampler": "difficulty"}):
+        cfg = tiny_cfg(tmp_path, tiny_model_path, beta=0.0, **knob)
+        with pytest.raises(ConfigError, match="program_execution"):
+            make_trainer(cfg)

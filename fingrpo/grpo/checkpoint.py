@@ -2,7 +2,8 @@
 ``train.keep_checkpoints``, and loaded back so that a resumed training continues exactly.
 
 A checkpoint holds the adapter (safetensors), the optimizer and scheduler states, every process's RNG
-states, the step, the data position and the failure counters (``trainer_state.json``), and the resolved
+states, the step, the data position, the failure counters and the difficulty sampler's pass rates
+(``trainer_state.json``), and the resolved
 config (a resume with a different ``model``/``lora`` section is refused). Tensors are loaded with
 ``torch.load(weights_only=True)``: never arbitrary pickled code.
 
@@ -128,6 +129,8 @@ def save_checkpoint(trainer: "GRPOTrainer") -> Path:
                 "nonfinite_skips": trainer.nonfinite_skips,
                 "nonfinite_streak": trainer._nonfinite_streak,
                 "reward_fail_streak": trainer._reward_fail_streak,
+                # the difficulty sampler's running pass rates: a resumed run draws the same prompts
+                "sampler": trainer.sampler.state_dict() if trainer.sampler is not None else None,
             })
         prune_checkpoints(train_cfg.checkpoint_dir, train_cfg.keep_checkpoints)
     trainer.accelerator.wait_for_everyone()
@@ -165,6 +168,8 @@ def load_checkpoint(trainer: "GRPOTrainer", path: str | os.PathLike) -> None:
     trainer.nonfinite_skips = int(state.get("nonfinite_skips", 0))
     trainer._nonfinite_streak = int(state.get("nonfinite_streak", 0))
     trainer._reward_fail_streak = {k: int(v) for k, v in state.get("reward_fail_streak", {}).items()}
+    if trainer.sampler is not None:
+        trainer.sampler.load_state_dict(state.get("sampler") or {})
 
 
 __all__ = ["CHECKPOINT_PREFIX", "latest_checkpoint", "load_checkpoint", "load_tensors", "prune_checkpoints",

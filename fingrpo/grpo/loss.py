@@ -12,6 +12,16 @@ For each completion i (advantage Â_i) and token t (where this sits in a trainin
     ρ = exp(log π_θ − log π_old)
     ℓ = −min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â) + β·KL,     KL = exp(ref − logp) − (ref − logp) − 1
 
+**Off-policy rows** (gold-guided groups, ``off_policy[i]`` true: the gold reply put in place of a sampled
+completion, as LUFFY does): the sampling policy of that row is unknown, so there is no ratio to clip. Its
+tokens use the shaped probability instead (γ = ``off_policy_gamma``, π_θ at the sampling temperature):
+
+    ℓ_it = −f(π_θ(o_it))·Â_i + β·KL,     f(x) = x / (x + γ),     ∂ℓ/∂log π_θ = −Â·γ·π_θ / (π_θ + γ)²
+
+(the gradient of a token the policy already finds likely is damped; an unlikely one still teaches,
+unlike the clipped ratio, which would stop at 1 + ε_high). Ratio and clip statistics count on-policy
+tokens only.
+
 Aggregations (m = completion mask, |o_i| = Σ_t m_it, N sequences, T = ``completion_mask.shape[1]``):
 
     grpo        Σ_i (Σ_t ℓ_it m_it / |o_i|) / N
@@ -148,6 +158,7 @@ class GRPOLoss:
         epsilon_high: float | None = None,
         beta: float = 0.04,
         loss_type: LossType = "grpo",
+        off_policy_gamma: float = 0.1,
     ) -> None:
         if not epsilon > 0:
             raise ConfigError(f"train.epsilon must be > 0, got {epsilon}")
@@ -157,6 +168,9 @@ class GRPOLoss:
             raise ConfigError(f"train.beta must be >= 0, got {beta}")
         if loss_type not in LOSS_TYPES:
             raise ConfigError(f"train.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if not off_policy_gamma > 0:
+            raise ConfigError(f"train.gold_guidance_gamma must be > 0, got {off_policy_gamma}")
+        self.off_policy_gamma = float(off_policy_gamma)
         self.epsilon_low = float(epsilon)
         self.epsilon_high = float(epsilon if epsilon_high is None else epsilon_high)
         self.beta = float(beta)
@@ -179,10 +193,12 @@ class GRPOLoss:
         num_sequences: int | None = None,
         num_tokens: int | float | None = None,
         max_length: int | None = None,
+        off_policy: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Return ``(loss, stats)``. The keyword overrides replace the normalisers (module docstring):
         ``num_sequences`` (grpo, dr_grpo; default N), ``num_tokens`` (bnpo/dapo; default mask sum),
-        ``max_length`` (dr_grpo; default T)."""
+        ``max_length`` (dr_grpo; default T). ``off_policy`` ``(N,)`` bool marks rows not sampled from the
+        policy (gold replies): they take the shaped-probability term of the module docstring."""
         n, t = self._check_shapes(logprobs, old_logprobs, ref_logprobs, advantages, completion_mask)
         mask = completion_mask.to(device=logprobs.device).bool()  # (N, T)
         maskf = mask.to(logprobs.dtype)
@@ -196,6 +212,16 @@ class GRPOLoss:
         ratio = torch.exp(log_ratio)
         clipped = torch.clamp(ratio, 1.0 - self.epsilon_low, 1.0 + self.epsilon_high)
         per_token = -torch.minimum(ratio * adv, clipped * adv)  # (N, T)
+        ratio_mask = mask
+        if off_policy is not None:
+            if tuple(off_policy.shape) != (n,):
+                raise ValueError(f"off_policy must be (N,) = {(n,)}, got {tuple(off_policy.shape)}")
+            off = off_policy.to(device=logprobs.device).bool()[:, None] & mask  # (N, T)
+            if bool(off.any()):
+                prob = torch.exp(torch.where(mask, logprobs, zero))  # π_θ; masked entries exp(0) = 1, unused
+                shaped = prob / (prob + self.off_policy_gamma)
+                per_token = torch.where(off, -shaped * adv, per_token)
+            ratio_mask = mask & ~off
         policy_per_token = per_token
 
         kl = None
@@ -207,7 +233,7 @@ class GRPOLoss:
 
         loss = self._aggregate(per_token, maskf, n, t, num_sequences, num_tokens, max_length)
         stats = self._stats(loss, policy_per_token, kl, ratio, adv, mask, maskf, n, t,
-                            num_sequences, num_tokens, max_length)
+                            num_sequences, num_tokens, max_length, ratio_mask)
         return loss, stats
 
     # -------------------------------------------------------------------------------------------- internals
@@ -240,29 +266,31 @@ class GRPOLoss:
 
     @torch.no_grad()
     def _stats(self, loss, policy_per_token, kl, ratio, adv, mask, maskf, n, t,
-               num_sequences, num_tokens, max_length) -> dict[str, float]:
+               num_sequences, num_tokens, max_length, ratio_mask=None) -> dict[str, float]:
         count = int(mask.sum())
         nan = float("nan")
+        ratio_mask = mask if ratio_mask is None else ratio_mask
+        on_count = int(ratio_mask.sum())
 
         def masked_mean(x: torch.Tensor) -> float:
             return float((x * maskf).sum() / count) if count else nan
 
-        low = (ratio < 1.0 - self.epsilon_low) & (adv < 0) & mask
-        high = (ratio > 1.0 + self.epsilon_high) & (adv > 0) & mask
+        low = (ratio < 1.0 - self.epsilon_low) & (adv < 0) & ratio_mask
+        high = (ratio > 1.0 + self.epsilon_high) & (adv > 0) & ratio_mask
         stats = {
             "loss": float(loss.detach()),
             "policy_loss": float(self._aggregate(policy_per_token.detach(), maskf, n, t,
                                                  num_sequences, num_tokens, max_length)),
             "kl": masked_mean(kl) if kl is not None else nan,
-            "ratio_mean": masked_mean(ratio),
-            "ratio_min": float(ratio[mask].min()) if count else nan,
-            "ratio_max": float(ratio[mask].max()) if count else nan,
-            "clip_fraction_low": float(low.sum()) / count if count else nan,
-            "clip_fraction_high": float(high.sum()) / count if count else nan,
+            "ratio_mean": float(ratio[ratio_mask].mean()) if on_count else nan,
+            "ratio_min": float(ratio[ratio_mask].min()) if on_count else nan,
+            "ratio_max": float(ratio[ratio_mask].max()) if on_count else nan,
+            "clip_fraction_low": float(low.sum()) / on_count if on_count else nan,
+            "clip_fraction_high": float(high.sum()) / on_count if on_count else nan,
             "num_tokens": float(count),
             "num_sequences": float(n),
         }
         stats["clip_fraction"] = (
-            stats["clip_fraction_low"] + stats["clip_fraction_high"] if count else nan
+            stats["clip_fraction_low"] + stats["clip_fraction_high"] if on_count else nan
         )
         return stats

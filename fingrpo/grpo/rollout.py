@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -107,6 +107,7 @@ class GroupBatch:
     advantages: torch.Tensor | None = None  # (N,) float32 group-relative advantages, on the model's device
     ref_logprobs: list[torch.Tensor] | None = None  # P x (G, T): the reference policy (adapter off)
     old_logprobs: list[torch.Tensor] | None = None  # P x (G, T): the sampling policy (before the updates)
+    off_policy: torch.Tensor | None = None  # (N,) bool: rows not sampled from the policy (gold-guided groups)
 
     def groups(self) -> Iterator[tuple[torch.Tensor, slice]]:
         """``(prompt_ids (L,), rows)`` per group: ``rollout.completion_ids[rows]`` is ``(G, T)``."""
@@ -131,6 +132,7 @@ class StepRollout:
     prompts: list[str]  # (N,) the prompt text of each local completion
     completions: list[str]  # (N,) the local completion texts
     scores: "RewardResult"  # the local completions' rewards (total, per function, failures)
+    group_metrics: dict[str, float] = field(default_factory=dict)  # equal-reward split, dropped/refilled, gold share
 
 
 # ------------------------------------------------------------------------------------------------- helpers

@@ -46,6 +46,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_checkable
 
@@ -57,11 +58,12 @@ from fingrpo.data.sources import few_shot_records, training_pool
 from fingrpo.errors import ConfigError, TrainingError
 from fingrpo.grpo import checkpoint
 from fingrpo.grpo.checkpoint import latest_checkpoint
-from fingrpo.grpo.loss import GRPOLoss, group_advantages, zero_std_fraction
-from fingrpo.grpo.rollout import GroupBatch, GroupLogprobs, StepRollout, completion_logprobs, sample_groups
+from fingrpo.grpo.loss import GRPOLoss, group_advantages
+from fingrpo.grpo.rollout import GroupBatch, GroupLogprobs, Rollout, StepRollout, completion_logprobs, sample_groups
+from fingrpo.grpo.sampler import DifficultySampler
 from fingrpo.io import atomic_path, write_json_atomic, write_text_atomic
 from fingrpo.model import add_lora, generate_completions, load_adapter, load_model_and_tokenizer, peak_rss_mb
-from fingrpo.rewards import build_rewards, reward_completions
+from fingrpo.rewards import RewardResult, build_rewards, reward_completions
 from fingrpo.scoring import score_prediction
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,6 +108,86 @@ def _std(xs: Sequence[float]) -> float:
 
 def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+#: The reward whose full credit (1.0) marks a completion as right: the pass rates of the difficulty
+#: sampler, gold guidance and the all-right / all-wrong split of equal-reward groups.
+CORRECT_REWARD = "program_execution"
+
+
+@dataclass
+class _Group:
+    """One prompt's G completions during a step's rollout (before they are packed into a GroupBatch)."""
+
+    index: int  # the example's index in train_examples
+    example: Any
+    prompt_ids: torch.Tensor  # (L,)
+    completion_ids: torch.Tensor  # (G, T)
+    completion_mask: torch.Tensor  # (G, T)
+    truncated: torch.Tensor  # (G,) bool
+    completions: list[str]
+    total: list[float] = field(default_factory=list)  # (G,) the policy's own samples' rewards
+    train_total: list[float] = field(default_factory=list)  # (G,) what the update uses (a gold row replaced)
+    correct: int | None = None  # own completions with full CORRECT_REWARD credit (None: reward not configured)
+    off_policy: torch.Tensor | None = None  # (G,) bool: the gold row of a gold-guided group
+
+
+def _all_equal(values: Sequence[float]) -> bool:
+    return max(values) == min(values)
+
+
+def _pad_right(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    if x.shape[1] >= width:
+        return x.clone()
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def _new_acc() -> dict:
+    return {"prompts": [], "completions": [], "total": [], "per_function": {}, "names": [], "lengths": [],
+            "truncated": [], "failures": {}, "errors": {}, "sample_seconds": 0.0, "gold_unavailable": 0}
+
+
+def _accumulate(acc: dict, prompts, completions, result, masks, truncated) -> None:
+    """Add one round's sampled completions and their rewards to the step's figures."""
+    acc["prompts"] += prompts
+    acc["completions"] += completions
+    acc["total"] += [float(v) for v in result.total]
+    for name, values in result.per_function.items():
+        if name not in acc["per_function"]:
+            acc["names"].append(name)
+            acc["per_function"][name] = []
+        acc["per_function"][name] += [float(v) for v in values]
+    for name, n in result.failures.items():
+        acc["failures"][name] = acc["failures"].get(name, 0) + int(n)
+    for name, err in (getattr(result, "errors", {}) or {}).items():
+        acc["errors"].setdefault(name, err)
+    for m in masks:
+        acc["lengths"] += [float(x) for x in m.sum(dim=1).tolist()]
+    for t in truncated:
+        acc["truncated"] += [float(x) for x in t.float().tolist()]
+
+
+def _group_metrics(groups: Sequence[tuple], group_size: int, refill: int) -> dict[str, float]:
+    """Per-step group figures over every sampled group ``(index, equal, correct, gold, kept)``.
+
+    >>> m = _group_metrics([(0, True, 8, False, False), (1, True, 0, True, True), (2, False, 3, False, True)], 8, 1)
+    >>> m["zero_std_all_right_fraction"], m["zero_std_all_wrong_fraction"], m["dynamic/kept_groups"]
+    (0.3333333333333333, 0.3333333333333333, 2.0)
+    """
+    n = len(groups)
+    frac = (lambda k: k / n) if n else (lambda k: float("nan"))
+    kept = [g for g in groups if g[4]]
+    return {
+        "zero_std_group_fraction": frac(sum(g[1] for g in groups)),
+        "zero_std_all_right_fraction": frac(sum(g[1] and g[2] == group_size for g in groups)),
+        "zero_std_all_wrong_fraction": frac(sum(g[1] and g[2] == 0 for g in groups)),
+        "solved_group_fraction": frac(sum((g[2] or 0) > 0 for g in groups)),
+        "dynamic/sampled_groups": float(n),
+        "dynamic/kept_groups": float(len(kept)),
+        "dynamic/dropped_groups": float(n - len(kept)),
+        "dynamic/refill_prompts": float(refill),
+        "gold_guided_fraction": (sum(g[3] for g in kept) / len(kept)) if kept else 0.0,
+    }
 
 
 class GRPOTrainer:
@@ -168,7 +250,17 @@ class GRPOTrainer:
         self.train_examples = list(train_examples)
         self.eval_examples = list(eval_examples or [])
         self.callbacks = list(callbacks)
-        self.loss_fn = GRPOLoss(train_cfg.epsilon, train_cfg.epsilon_high, train_cfg.beta, train_cfg.loss_type)
+        self.loss_fn = GRPOLoss(train_cfg.epsilon, train_cfg.epsilon_high, train_cfg.beta, train_cfg.loss_type,
+                                off_policy_gamma=train_cfg.gold_guidance_gamma)
+        needs_correct = [k for k, on in (("train.prompt_sampler: difficulty", train_cfg.prompt_sampler == "difficulty"),
+                                         ("train.gold_guidance", train_cfg.gold_guidance)) if on]
+        names = {getattr(r, "name", None) for r in self.reward_functions}
+        if needs_correct and CORRECT_REWARD not in names:
+            raise ConfigError(f"{' and '.join(needs_correct)} need the {CORRECT_REWARD!r} reward in rewards.weights "
+                              "(weight 0 keeps it out of the total): it says which completions are right")
+        self.sampler = (DifficultySampler(len(self.train_examples), seed=train_cfg.seed, floor=train_cfg.difficulty_floor,
+                                          ema=train_cfg.difficulty_ema)
+                        if train_cfg.prompt_sampler == "difficulty" else None)
 
         # Only the LoRA weights train; the order is deterministic (named_parameters), which the
         # optimizer's checkpointed state relies on.
@@ -202,6 +294,8 @@ class GRPOTrainer:
         self._rows: list[dict] = []
         self._token_cache: dict[int, Any] = {}
         self._perm_cache: dict[int, list[int]] = {}
+        self._gold_cache: dict[int, list[int]] = {}
+        self.consumed_this_step = 0
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -222,7 +316,7 @@ class GRPOTrainer:
         return self._perm_cache[epoch]
 
     def _step_indices(self, position: int) -> list[int]:
-        """Example indices of the ``prompts_per_step`` examples starting at data ``position``."""
+        """Example indices of the ``prompts_per_step`` examples starting at data ``position`` (epoch order)."""
         n = len(self.train_examples)
         return [self._epoch_order(i // n)[i % n] for i in range(position, position + self.train_cfg.prompts_per_step)]
 
@@ -266,13 +360,6 @@ class GRPOTrainer:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def _gather_floats(self, values: Sequence[float]) -> list[float]:
-        """Concatenate equal-length float lists of all processes in rank order."""
-        if self.world == 1:
-            return [float(v) for v in values]
-        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        return [float(v) for v in self.accelerator.gather(t).cpu()]
-
     def _gather_objects(self, obj: Any) -> list[Any]:
         if self.world == 1:
             return [obj]
@@ -291,69 +378,208 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------------------------------- one step
 
-    def _rollout(self, examples: list[tuple[int, Any]], step: int) -> StepRollout:
-        """Sample the step's completions in micro-batches; score them; advantages over all processes."""
+    def _choose(self, n: int, step: int, round_: int, chosen: list[int]) -> list[int]:
+        """The next ``n`` prompt indices of this step (all processes: the same list): the epoch order from
+        the data position on, or the difficulty sampler's draw (never a prompt already in ``chosen``)."""
+        if self.sampler is not None:
+            return self.sampler.choose(n, step, round_, exclude=chosen)
+        start = self.data_position + len(chosen)
+        n_all = len(self.train_examples)
+        return [self._epoch_order(i // n_all)[i % n_all] for i in range(start, start + n)]
+
+    def _gold_reply(self, index: int, example: Any) -> list[int] | None:
+        """The gold reply's tokens + EOS (what ``fingrpo sft`` trains on), or None when the example has no
+        target or the reply is longer than a rollout may be (the policy could not have sampled it)."""
+        target = getattr(example, "target", None)
+        if not target:
+            return None
+        if index not in self._gold_cache:
+            ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+            eos = self.tokenizer.eos_token_id
+            self._gold_cache[index] = list(ids) + ([eos] if eos is not None else [])
+        ids = self._gold_cache[index]
+        return ids if len(ids) <= self.train_cfg.max_new_tokens else None
+
+    def _sample_round(self, indices: list[int], gen, acc: dict) -> list[_Group]:
+        """Sample G completions for each of ``indices`` (in train.gradient_accumulation_steps chunks),
+        decode and score them; gold-guided groups get their gold row. Sampled figures go to ``acc``."""
         import numpy as np
 
         train_cfg, G = self.train_cfg, self.train_cfg.group_size
-        gen = self._sampling_generator(step)
-        chunks = [list(c) for c in np.array_split(np.arange(len(examples)), train_cfg.gradient_accumulation_steps)]
-        batches: list[GroupBatch] = []
-        t0 = time.perf_counter()
+        groups: list[_Group] = []
+        if not indices:
+            return groups
+        chunks = [list(c) for c in np.array_split(np.arange(len(indices)), min(train_cfg.gradient_accumulation_steps, len(indices)))]
         self.model.eval()
+        t0 = time.perf_counter()
         for chunk in chunks:
-            prompt_ids = [self._prompt_ids(examples[i][0], examples[i][1]).to(self.device) for i in chunk]
-            rollout = sample_groups(
+            idx = [indices[i] for i in chunk]
+            prompt_ids = [self._prompt_ids(i, self.train_examples[i]).to(self.device) for i in idx]
+            r = sample_groups(
                 self.model, prompt_ids, G,
                 max_new_tokens=train_cfg.max_new_tokens, temperature=train_cfg.temperature, top_p=train_cfg.top_p,
                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                 generator=gen,
             )
-            batches.append(GroupBatch(examples=[examples[i][1] for i in chunk], rollout=rollout))
-        rollout_seconds = time.perf_counter() - t0
+            texts = self._decode(r.completion_ids, r.completion_mask)
+            for p, i in enumerate(idx):
+                rows = r.group(p)
+                groups.append(_Group(index=i, example=self.train_examples[i], prompt_ids=prompt_ids[p],
+                                     completion_ids=r.completion_ids[rows], completion_mask=r.completion_mask[rows],
+                                     truncated=r.truncated[rows], completions=texts[rows]))
+        acc["sample_seconds"] += time.perf_counter() - t0
 
-        # Rewards on this process's completions ...
-        prompts, completions, targets, lengths, truncated = [], [], [], [], []
-        for batch in batches:
-            r = batch.rollout
-            batch.completions = self._decode(r.completion_ids, r.completion_mask)
-            for ex in batch.examples:
-                prompts += [self.render(ex)] * G
-                targets += [self._target(ex)] * G
-            completions += batch.completions
-            lengths += [int(x) for x in r.completion_mask.sum(dim=1).tolist()]
-            truncated += [float(x) for x in r.truncated.float().tolist()]
+        prompts, completions, targets = [], [], []
+        for g in groups:
+            prompts += [self.render(g.example)] * G
+            targets += [self._target(g.example)] * G
+            completions += g.completions
         result = reward_completions(self.reward_functions, prompts, completions, targets, self.config.rewards.nan_value)
+        correct = result.per_function.get(CORRECT_REWARD)
+        for p, g in enumerate(groups):
+            rows = slice(p * G, (p + 1) * G)
+            g.total = list(result.total[rows])
+            g.train_total = list(g.total)
+            g.correct = None if correct is None else sum(v >= 1.0 for v in correct[rows])
+        _accumulate(acc, prompts, completions, result, [g.completion_mask for g in groups], [g.truncated for g in groups])
 
-        # ... then gathered: advantages, metrics and the "failed everywhere" check see the whole step.
-        total_all = self._gather_floats(result.total)
-        per_function_all = {k: self._gather_floats(v) for k, v in result.per_function.items()}
-        failures_t = torch.tensor([float(result.failures.get(k, 0)) for k in result.per_function], dtype=torch.float64)
-        failures_all = dict(zip(result.per_function, self._all_reduce_sum(failures_t.to(self.device)).cpu().tolist()))
-        lengths_all = self._gather_floats(lengths)
-        rewards_all = torch.tensor(total_all, dtype=torch.float32)
-        adv_all = group_advantages(rewards_all, G, scale=train_cfg.advantage_scale)  # (N_all,)
-        n_local = len(result.total)
-        adv_local = adv_all[self.rank * n_local:(self.rank + 1) * n_local]
-        offset = 0
-        for batch in batches:
-            n = batch.rollout.completion_ids.shape[0]
-            batch.advantages = adv_local[offset:offset + n].to(self.device)
-            offset += n
+        if train_cfg.gold_guidance:
+            self._add_gold_rows([g for g in groups if g.correct == 0], acc)
+        return groups
 
+    def _add_gold_rows(self, groups: list[_Group], acc: dict) -> None:
+        """Put the gold reply in place of each group's last completion (off-policy row), scored like any."""
+        G = self.train_cfg.group_size
+        chosen = [(g, ids) for g in groups if (ids := self._gold_reply(g.index, g.example)) is not None]
+        acc["gold_unavailable"] += len(groups) - len(chosen)
+        if not chosen:
+            return
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for _, ids in chosen]
+        result = reward_completions(self.reward_functions, [self.render(g.example) for g, _ in chosen], texts,
+                                    [self._target(g.example) for g, _ in chosen], self.config.rewards.nan_value)
+        for name, n in result.failures.items():
+            acc["failures"][name] = acc["failures"].get(name, 0) + n
+        pad = self.tokenizer.pad_token_id
+        for (g, ids), text, total in zip(chosen, texts, result.total):
+            width = max(g.completion_ids.shape[1], len(ids))
+            g.completion_ids = _pad_right(g.completion_ids, width, pad)
+            g.completion_mask = _pad_right(g.completion_mask, width, 0)
+            row = torch.full((width,), pad, dtype=g.completion_ids.dtype, device=g.completion_ids.device)
+            row[: len(ids)] = torch.tensor(ids, dtype=row.dtype)
+            g.completion_ids[G - 1] = row
+            g.completion_mask[G - 1] = 0
+            g.completion_mask[G - 1, : len(ids)] = 1
+            g.completions = g.completions[: G - 1] + [text]
+            g.train_total[G - 1] = float(total)
+            g.off_policy = torch.zeros(G, dtype=torch.bool, device=g.completion_ids.device)
+            g.off_policy[G - 1] = True
+
+    def _pack(self, groups: list[_Group]) -> list[GroupBatch]:
+        """The kept groups as train.gradient_accumulation_steps micro-batches (rows padded to one width)."""
+        import numpy as np
+
+        if not groups:
+            return []
+        pad = self.tokenizer.pad_token_id
+        batches = []
+        for chunk in np.array_split(np.arange(len(groups)), min(self.train_cfg.gradient_accumulation_steps, len(groups))):
+            part = [groups[i] for i in chunk]
+            width = max(g.completion_ids.shape[1] for g in part)
+            rollout = Rollout(
+                prompt_ids=[g.prompt_ids for g in part],
+                completion_ids=torch.cat([_pad_right(g.completion_ids, width, pad) for g in part]),
+                completion_mask=torch.cat([_pad_right(g.completion_mask, width, 0) for g in part]),
+                group_size=self.train_cfg.group_size,
+                truncated=torch.cat([g.truncated for g in part]),
+            )
+            off = [g.off_policy if g.off_policy is not None else torch.zeros_like(g.truncated) for g in part]
+            batches.append(GroupBatch(examples=[g.example for g in part], rollout=rollout,
+                                      completions=[c for g in part for c in g.completions],
+                                      off_policy=torch.cat(off) if any(g.off_policy is not None for g in part) else None))
+        return batches
+
+    def _rollout(self, step: int) -> StepRollout:
+        """The step's groups: sampled, scored, gold-guided and (dynamic sampling) filtered and refilled;
+        advantages over the kept groups of all processes."""
+        train_cfg, G = self.train_cfg, self.train_cfg.group_size
+        gen = self._sampling_generator(step)
+        acc = _new_acc()
+        chosen: list[int] = []
+        sampled: list[_Group] = []
+        kept: list[_Group] = []
+        n_round, round_, refill = self.local_prompts, 0, 0
+        while True:
+            global_idx = self._choose(n_round * self.world, step, round_, chosen)
+            chosen += global_idx
+            local_idx = global_idx[self.rank * n_round:(self.rank + 1) * n_round]
+            groups = self._sample_round(local_idx, gen, acc)
+            sampled += groups
+            if not train_cfg.dynamic_sampling:
+                kept = groups
+                break
+            kept += [g for g in groups if not _all_equal(g.train_total)]
+            short = torch.tensor([float(max(0, self.local_prompts - len(kept)))], dtype=torch.float64, device=self.device)
+            if self.world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(short, op=dist.ReduceOp.MAX)
+            n_round = min(int(short.item()), (train_cfg.dynamic_sampling_max_refill - refill) // self.world)
+            if n_round <= 0 or len(global_idx) == 0:
+                break
+            refill += n_round * self.world
+            round_ += 1
+        kept = kept[: self.local_prompts]
+        self.consumed_this_step = len(chosen)
+
+        # gathered: advantages over the kept groups of every process; metrics over every sampled group
+        kept_rewards = self._gather_objects([r for g in kept for r in g.train_total])  # one list per rank
+        counts = [len(x) for x in kept_rewards]
+        rewards_kept = torch.tensor([r for x in kept_rewards for r in x], dtype=torch.float32)
+        batches = self._pack(kept)
+        if rewards_kept.numel():
+            adv_all = group_advantages(rewards_kept, G, scale=train_cfg.advantage_scale)
+            start = sum(counts[: self.rank])
+            adv_local = adv_all[start:start + counts[self.rank]]
+            offset = 0
+            for batch in batches:
+                n = batch.rollout.completion_ids.shape[0]
+                batch.advantages = adv_local[offset:offset + n].to(self.device)
+                offset += n
+
+        group_rows = [(g.index, _all_equal(g.total), g.correct, g.off_policy is not None, g in kept) for g in sampled]
+        gathered = self._gather_objects([acc["total"], acc["lengths"], acc["truncated"], group_rows,
+                                       [acc["failures"]]] + [acc["per_function"][k] for k in acc["names"]])
+        total_all, lengths_all, truncated_all, groups_all, failures_all = (
+            [v for part in gathered for v in part[i]] for i in range(5))
+        per_function_all = {k: [v for part in gathered for v in part[5 + j]] for j, k in enumerate(acc["names"])}
+        failures = {k: 0 for k in acc["names"]}
+        for f in failures_all:
+            for k, v in f.items():
+                failures[k] = failures.get(k, 0) + int(v)
+        if self.sampler is not None:
+            for index, _, correct, _, _ in groups_all:
+                if correct is not None:
+                    self.sampler.update(index, correct, G)
+        group_metrics = _group_metrics(groups_all, G, refill)
+        if self.sampler is not None:
+            group_metrics.update(self.sampler.summary())
+
+        scores = RewardResult(total=acc["total"], per_function={k: acc["per_function"][k] for k in acc["names"]},
+                              failures=dict(acc["failures"]), errors=dict(acc["errors"]))
         return StepRollout(
             batches=batches,
             rewards=total_all,
             per_function=per_function_all,
-            failures={k: int(v) for k, v in failures_all.items()},
-            errors=dict(getattr(result, "errors", {}) or {}),
+            failures=failures,
+            errors=dict(acc["errors"]),
             lengths=lengths_all,
-            truncated=self._gather_floats(truncated),
-            zero_std_group_fraction=zero_std_fraction(rewards_all, G),
-            rollout_tokens_per_s=float(sum(lengths_all)) / max(rollout_seconds, 1e-9),
-            prompts=prompts,
-            completions=completions,
-            scores=result,
+            truncated=truncated_all,
+            zero_std_group_fraction=group_metrics["zero_std_group_fraction"],
+            rollout_tokens_per_s=float(sum(lengths_all)) / max(acc["sample_seconds"], 1e-9),
+            prompts=acc["prompts"],
+            completions=acc["completions"],
+            scores=scores,
+            group_metrics=group_metrics,
         )
 
     def _fixed_logprobs(self, batches: list[GroupBatch], which: str, disable_adapter: bool) -> None:
@@ -374,14 +600,16 @@ class GRPOTrainer:
                 ]
                 setattr(batch, f"{which}_logprobs", logprobs)
 
-    def _update(self, batches: list[GroupBatch]) -> dict:
-        """One optimizer update over the whole step's rollouts; returns its loss/stat/grad figures."""
+    def _update(self, batches: list[GroupBatch], empty: bool = False) -> dict:
+        """One optimizer update over the whole step's rollouts; returns its loss/stat/grad figures.
+        ``empty``: no process kept a group (dynamic sampling at its bound): no optimizer step, the
+        schedule still advances."""
         train_cfg, G = self.train_cfg, self.train_cfg.group_size
         chunk = min(train_cfg.backward_chunk_size or G, G)
         # Normalisers of the full (local) batch, so per-group losses add up to the full-batch loss.
-        num_sequences = sum(b.rollout.completion_ids.shape[0] for b in batches)
+        num_sequences = max(1, sum(b.rollout.completion_ids.shape[0] for b in batches))
         num_tokens = float(sum(b.rollout.completion_mask.sum() for b in batches))
-        max_length = max(b.rollout.completion_ids.shape[1] for b in batches)
+        max_length = max([b.rollout.completion_ids.shape[1] for b in batches], default=1)
         norms = {"num_sequences": num_sequences, "num_tokens": max(num_tokens, 1.0), "max_length": max_length}
 
         self.model.train()
@@ -405,7 +633,9 @@ class GRPOTrainer:
                         logprobs = group_logprobs.logprobs(ids, mask)  # (chunk, T) with grad
                         old = batch.old_logprobs[gi][local] if batch.old_logprobs is not None else None
                         ref = batch.ref_logprobs[gi][local] if batch.ref_logprobs is not None else None
-                        loss, stats = self.loss_fn(logprobs, old, ref, batch.advantages[part], mask, **norms)
+                        off = batch.off_policy[part] if batch.off_policy is not None else None
+                        loss, stats = self.loss_fn(logprobs, old, ref, batch.advantages[part], mask, **norms,
+                                                   off_policy=off)
                         loss.backward()
                         loss_sum += float(loss.detach())
                         w = float(stats.get("num_tokens", float(mask.sum())))
@@ -434,13 +664,15 @@ class GRPOTrainer:
         loss_value = extra[0] / self.world
         total_tokens = extra[1]
         stats = {k: (extra[2 + i] / total_tokens if total_tokens > 0 else float("nan")) for i, k in enumerate(stat_keys)}
-        if train_cfg.beta <= 0 and batches[0].ref_logprobs is None:
+        if train_cfg.beta <= 0 and (not batches or batches[0].ref_logprobs is None):
             stats["kl"] = float("nan")  # no reference pass: the KL is not measured
 
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, train_cfg.max_grad_norm))
         lr = float(self.scheduler.get_last_lr()[0])
         finite = _finite(loss_value) and _finite(grad_norm)
-        if finite:
+        if empty:
+            pass  # nothing to learn from this step
+        elif finite:
             self.optimizer.step()
             self._nonfinite_streak = 0
         else:
@@ -456,17 +688,16 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         train_cfg = self.train_cfg
         step = self.step + 1
-        indices = self._step_indices(self.data_position)
-        local = indices[self.rank * self.local_prompts:(self.rank + 1) * self.local_prompts]
-        rollout = self._rollout([(i, self.train_examples[i]) for i in local], step)
+        rollout = self._rollout(step)
         if train_cfg.beta > 0:
             self._fixed_logprobs(rollout.batches, "ref", disable_adapter=True)
         if train_cfg.num_iterations > 1:
             self._fixed_logprobs(rollout.batches, "old", disable_adapter=False)
-        updates = [self._update(rollout.batches) for _ in range(train_cfg.num_iterations)]
+        updates = [self._update(rollout.batches, empty=not rollout.group_metrics["dynamic/kept_groups"])
+                   for _ in range(train_cfg.num_iterations)]
 
         self.step = step
-        self.data_position += train_cfg.prompts_per_step
+        self.data_position += self.consumed_this_step
         rewards = rollout.rewards
         metrics: dict[str, float] = {
             "step": step,
@@ -486,7 +717,7 @@ class GRPOTrainer:
             completion_length_mean=_mean(rollout.lengths),
             completion_length_max=max(rollout.lengths) if rollout.lengths else 0,
             truncated_fraction=_mean(rollout.truncated),
-            zero_std_group_fraction=rollout.zero_std_group_fraction,
+            **rollout.group_metrics,
             grad_norm=_mean(finite_norms) if finite_norms else float("nan"),
             lr=updates[0]["lr"],
             rollout_tokens_per_s=rollout.rollout_tokens_per_s,
