@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from fingrpo.errors import ConfigError
 
@@ -267,6 +267,8 @@ class EvaluateConfig(_Section):
     compare_base: bool = Field(True, description="also evaluate the base model (adapter off) under the same harness")
     oracle_gold: bool = Field(True, description="context_mode retrieved/full: also the adapter with the gold facts "
                               "(model adapter_gold_facts)")
+    pass_at_k: list[PositiveInt] = Field([], description="pass@k of adapter and base (unbiased; max k samples per record at "
+                                 "train.temperature), e.g. [1, 4, 8, 16]; [] off")
     bootstrap_samples: int = Field(1000, ge=10, description="bootstrap resamples for 95% intervals")
     bootstrap_seed: int = Field(0, description="seed of the bootstrap resampling (same intervals on every run)")
     rel_tolerance: float = Field(

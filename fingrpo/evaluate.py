@@ -20,7 +20,7 @@ from fingrpo.data.prompts import make_examples, render_prompt
 from fingrpo.data.sources import dataset_of, eval_records, eval_sets, few_shot_records
 from fingrpo.io import write_json_atomic, write_jsonl_atomic
 from fingrpo.lineage import DATA_POINTER, data_hash
-from fingrpo.model import generate_completions, load_adapter, load_model_and_tokenizer
+from fingrpo.model import generate_completions, load_adapter, load_model_and_tokenizer, sample_completions
 from fingrpo.official import tatqa_em_f1
 from fingrpo.retrieval import get_retriever, retrieval_recall
 from fingrpo.rewards import build_rewards, reward_completions
@@ -54,6 +54,33 @@ def bootstrap_ci(values: Sequence[float], samples: int = 1000, seed: int = 0, le
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return [float(lo), float(hi)]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one record from ``n`` samples of which ``c`` are correct (Chen et al. 2021):
+    1 − C(n − c, k) / C(n, k), the chance that k of the n samples drawn without replacement hold a correct one.
+
+    >>> pass_at_k(16, 0, 4), pass_at_k(16, 16, 1), pass_at_k(4, 1, 1), round(pass_at_k(16, 2, 8), 4)
+    (0.0, 1.0, 0.25, 0.7667)
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):  # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i)
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def _sample_correct(model: Any, tokenizer: Any, records: list, prompts: list[str], cfg: "Config") -> list[int]:
+    """How many of n = max(evaluate.pass_at_k) completions sampled at the training temperature are correct
+    (the official rule, as execution_accuracy), per record."""
+    ecfg, n = cfg.evaluate, max(cfg.evaluate.pass_at_k)
+    samples = sample_completions(model, tokenizer, prompts, n, ecfg.max_new_tokens, ecfg.batch_size,
+                                 temperature=cfg.train.temperature, top_p=cfg.train.top_p, seed=cfg.train.seed)
+    return [sum(bool(score_prediction({"id": rec.id, "completion": c}, rec, ecfg.rel_tolerance)["correct_official"])
+                for c in completions) for rec, completions in zip(records, samples)]
 
 
 _ACCURACIES = ("execution_accuracy", "tolerant_accuracy", "program_accuracy", "format_rate")  # every record has them
@@ -105,6 +132,13 @@ def _set_metrics(rows: list[dict], cfg: "Config") -> dict:
     names = sorted({n for r in rows for n in r["rewards"]})
     metrics["rewards"] = {n: mean_or_zero([r["rewards"][n] for r in rows if n in r["rewards"]]) for n in names}
     metrics["reward_total"] = mean_or_zero([r["reward_total"] for r in rows])
+    if rows and all("samples_correct" in r for r in rows):
+        n = rows[0]["samples"]
+        metrics["pass_at_k"] = {}
+        for k in sorted(set(ecfg.pass_at_k)):
+            vals = [pass_at_k(n, r["samples_correct"], k) for r in rows]
+            metrics["pass_at_k"][str(k)] = {"value": mean_or_zero(vals),
+                                            "ci": bootstrap_ci(vals, ecfg.bootstrap_samples, ecfg.bootstrap_seed)}
     tatqa = [r["tatqa_exact_match"] for r in rows if "tatqa_exact_match" in r]
     if tatqa:
         metrics["tatqa_exact_match"] = mean_or_zero(tatqa)
@@ -131,7 +165,8 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
                                               "tolerant_accuracy", "program_accuracy", "format_rate" (each + "_ci"),
                                               "rewards": {name: mean}, "reward_total",
                                               "tatqa_exact_match" (TAT-QA records), "datasets": {name: n},
-                                              "random_subset": {accuracies on its FinQA random-sample records}},
+                                              "random_subset": {accuracies on its FinQA random-sample records},
+                                              "pass_at_k": {"8": {"value", "ci"}} (evaluate.pass_at_k)},
                                   "base": {...}},
                  "finqa_all": {...}, "tatqa": {...},     # each set also has "retrieval": {recall_at_k, all_gold_at_k}
                  "pooled": {...}},            # every record of the sets marked pooled, once
@@ -178,6 +213,10 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
         log.info("evaluating %s on %d records of %d sets", name, len(records), len(sets))
         with ctx():
             rows, failures[name] = _generate_rows(model, tokenizer, examples, records, prompts, rewards, cfg, name)
+            if ecfg.pass_at_k and name != ORACLE:  # the headroom GRPO can turn into pass@1 (served context)
+                log.info("sampling %d completions per record of %s for pass@k", max(ecfg.pass_at_k), name)
+                for row, c in zip(rows, _sample_correct(model, tokenizer, records, prompts, cfg)):
+                    row["samples"], row["samples_correct"] = max(ecfg.pass_at_k), c
         by_model[name] = dict(zip(keys, rows))
     retriever = get_retriever(cfg.prompt, required=cfg.prompt.context_mode == "retrieved")
 
@@ -204,6 +243,8 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
             body[name] = metrics
             for key in SUMMARY_KEYS + (("tatqa_exact_match",) if "tatqa_exact_match" in metrics else ()):
                 summary[f"{split}.{set_name}.{name}.{key}"] = metrics[key]
+            for k, v in metrics.get("pass_at_k", {}).items():
+                summary[f"{split}.{set_name}.{name}.pass_at_{k}"] = v["value"]
     member_sets = {k: set(v) for k, v in members.items()}
     out_rows = []
     for name, _, _ in variants:

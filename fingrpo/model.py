@@ -262,6 +262,20 @@ def generate_completions(
     >>> generate_completions(model, tok, ["<|im_start|>user\\nhi<|im_end|>\\n"], 8, 4)   # doctest: +SKIP
     ['...']
     """
+    return [c[0] for c in sample_completions(model, tokenizer, prompts, 1, max_new_tokens, batch_size,
+                                             temperature=0.0, progress=progress)]
+
+
+def sample_completions(
+    model: Any, tokenizer: Any, prompts: list[str], num_samples: int, max_new_tokens: int, batch_size: int,
+    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, progress: bool = True,
+) -> list[list[str]]:
+    """``num_samples`` completions per prompt (temperature 0: greedy), in the order of ``prompts``.
+
+    Each prompt is prefilled once for its ``num_samples`` rows; ``batch_size`` bounds the decode rows (prompts
+    per batch = batch_size // num_samples, at least 1), prompts of similar length together, the prefix they
+    share prefilled once. Sampling is seeded (``seed``) and reproducible for the same arguments."""
+    import torch
     from tqdm.auto import tqdm
 
     if not prompts:
@@ -274,18 +288,25 @@ def generate_completions(
     # batches of similar length (longest first: a memory problem shows at once): little cache padding in
     # the decode batch; each row computes the same function as alone, and the order is restored
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
+    per_batch = max(1, batch_size // max(1, num_samples))
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
     was_training = model.training
     model.eval()
-    out: list[str] = [""] * len(prompts)
+    out: list[list[str]] = [[] for _ in prompts]
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress):
-            rows = order[start : start + batch_size]
-            rollout = sample_groups(model, [ids[i] for i in rows], group_size=1, max_new_tokens=max_new_tokens,
-                                    temperature=0.0, eos_token_id=eos_id, pad_token_id=pad_id, share_prefix=True)
-            for i, tokens in zip(rows, rollout.completion_token_lists()):
+        for start in tqdm(range(0, len(prompts), per_batch), desc="generate" if num_samples == 1 else "sample",
+                          unit="batch", disable=not progress):
+            rows = order[start : start + per_batch]
+            rollout = sample_groups(model, [ids[i] for i in rows], group_size=num_samples,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    eos_token_id=eos_id, pad_token_id=pad_id, generator=generator,
+                                    share_prefix=True)
+            for k, tokens in enumerate(rollout.completion_token_lists()):
                 if eos_id is not None and eos_id in tokens:
                     tokens = tokens[: tokens.index(eos_id)]  # stop at eos
-                out[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+                out[rows[k // num_samples]].append(tokenizer.decode(tokens, skip_special_tokens=True))
     finally:
         if was_training:
             model.train()

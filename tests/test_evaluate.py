@@ -303,3 +303,72 @@ def test_served_context_is_the_headline_and_gold_facts_the_oracle_beside_it(tmp_
     off = evaluate_from_config(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"oracle_gold": False})}),
                                adapter_dir=str(zero_adapter))
     assert "adapter_gold_facts" not in off["dev"]["finqa"]
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    from math import comb
+
+    from fingrpo.evaluate import pass_at_k
+
+    for n in (1, 4, 8, 16):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k), abs=1e-12)
+    assert pass_at_k(16, 3, 1) == pytest.approx(3 / 16)  # pass@1 is the share of correct samples
+    for bad in ((4, 5, 1), (4, 1, 5), (4, 1, 0), (4, -1, 1)):
+        with pytest.raises(ValueError, match="pass@k"):
+            pass_at_k(*bad)
+
+
+def test_sample_completions_is_seeded_per_prompt_and_greedy_at_temperature_zero(tiny_model_path):
+    from fingrpo.config import ModelConfig
+    from fingrpo.model import load_model_and_tokenizer, sample_completions
+
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_path)))
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ["What is 2 + 2?", "Revenue grew from 120 to 150; by what percent?", "hi"]]
+    a = sample_completions(model, tok, prompts, 4, 8, batch_size=8, temperature=1.0, seed=3, progress=False)
+    b = sample_completions(model, tok, prompts, 4, 8, batch_size=8, temperature=1.0, seed=3, progress=False)
+    other = sample_completions(model, tok, prompts, 4, 8, batch_size=8, temperature=1.0, seed=4, progress=False)
+    assert a == b and a != other and [len(x) for x in a] == [4, 4, 4]
+    assert any(len(set(x)) > 1 for x in a)  # samples, not one greedy answer four times
+    greedy = sample_completions(model, tok, prompts, 2, 8, batch_size=4, temperature=0.0, progress=False)
+    plain = generate_completions(model, tok, prompts, max_new_tokens=8, batch_size=2, progress=False)
+    assert greedy == [[g, g] for g in plain]
+
+
+def test_pass_at_k_per_set_counts_the_correct_samples_of_each_record(tmp_path, tiny_model_path, data_dir, zero_adapter,
+                                                                      monkeypatch):
+    """Real sampling end to end (the tiny model is never right), then the same with the samples of known
+    correctness: each record's samples i < its index are the gold program, so c = 0, 1, 2 of n = 4."""
+    import fingrpo.evaluate as ev
+
+    cfg = _config(tmp_path, tiny_model_path, data_dir, zero_adapter, splits=["dev"], pass_at_k=[1, 2, 4])
+    result = evaluate_from_config(cfg)
+    body = next(v for k, v in result["dev"].items() if k != "pooled")  # the one set of the config
+    for model in ("adapter", "base"):
+        assert set(body[model]["pass_at_k"]) == {"1", "2", "4"}
+        assert all(v["value"] == 0.0 for v in body[model]["pass_at_k"].values())
+    assert ev.ORACLE not in body or "pass_at_k" not in body[ev.ORACLE]
+    rows = [json.loads(line) for line in Path(cfg.evaluate.predictions_path).read_text().splitlines()]
+    assert {(r["model"], r["samples"], r["samples_correct"]) for r in rows} == {("adapter", 4, 0), ("base", 4, 0)}
+
+    records = {r["id"]: r for r in json.loads((data_dir / "dev.json").read_text())}
+    real = ev.sample_completions
+
+    def gold_in_some(model, tokenizer, prompts, n, *args, **kwargs):
+        out = real(model, tokenizer, prompts, n, *args, **kwargs)
+        order = [r.id for r in ev.eval_records(cfg, ev.eval_sets(cfg)[0])[0]]
+        for i, rid in enumerate(order):
+            qa = records[rid]["qa"]
+            out[i][:i] = [f"Program: {qa['program']}\nAnswer: {qa['exe_ans']}"] * i
+        return out
+
+    monkeypatch.setattr(ev, "sample_completions", gold_in_some)
+    body = next(v for k, v in evaluate_from_config(cfg)["dev"].items() if k != "pooled")["adapter"]
+    for k in (1, 2, 4):
+        expected = sum(ev.pass_at_k(4, c, k) for c in (0, 1, 2)) / 3
+        assert body["pass_at_k"][str(k)]["value"] == pytest.approx(expected)
+    assert body["pass_at_k"]["1"]["value"] < body["pass_at_k"]["2"]["value"] < body["pass_at_k"]["4"]["value"]
+    summary_keys = {k for k in result["summary"] if ".pass_at_" in k}
+    assert summary_keys and all(k.rsplit(".", 1)[1] in ("pass_at_1", "pass_at_2", "pass_at_4") for k in summary_keys)
