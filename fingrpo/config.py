@@ -320,9 +320,8 @@ class PipelineConfig(_Section):
 
     reports_dir: str = Field("reports", description="validation.json and the Great Expectations data docs go here")
     data_docs: bool = Field(True, description="render the Great Expectations HTML data docs during validation")
-    train_summary_path: str = Field(
-        "reports/train.json", description="final training figures (reward, loss, steps): a dvc metrics file"
-    )
+    train_summary_path: str = Field("reports/train.json", description="final training figures (reward, loss, steps)")
+    metrics_dir: str | None = Field(None, description="each stage's headline figures, the dvc metrics (null: <reports_dir>/metrics)")
     plots_dir: str = Field("reports/plots", description="PNG plots of the plot stage (a dvc plots folder)")
 
 

@@ -14,6 +14,10 @@ its config, calls one library function, hands the result to MLflow, and returns 
     pipeline.plot_stage(cfg)                      # PNGs
     pipeline.register_stage(cfg)                  # registry version, maybe 'champion'; reports/promotion.json
 
+Each stage also writes its few headline figures to ``<pipeline.metrics_dir>/<stage>.json``
+(:func:`headline_metrics`): the files ``dvc.yaml`` declares as metrics, so that ``dvc exp show`` fits a
+terminal; the full reports stay plain JSON outs beside them.
+
 Order matters and is the orchestrators' job (dvc.yaml deps, the flow's task order): registration is
 last, so a failure anywhere earlier never touches the champion. This module imports no orchestrator.
 
@@ -159,6 +163,64 @@ def _train_summary_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+HEADLINE_EVAL = ("execution_accuracy", "pass_at_")  # of every set and model
+HEADLINE_EVAL_ADAPTER = ("tatqa_exact_match",)  # of every set, the adapter's
+HEADLINE_EVAL_POOLED = ("format_rate", "reward_total")  # the adapter's, over the pooled records
+
+
+def headline_metrics(stage: str, report: dict[str, Any]) -> dict[str, float]:
+    """The few figures of a stage's report that ``dvc metrics`` / ``dvc exp show`` put in columns (flat,
+    numeric); the full report stays a plain JSON out beside it.
+
+    >>> headline_metrics("sft", {"steps": 40, "last_epoch_loss": 0.21, "seconds": 612.0, "peak_rss_mb": 3444.0,
+    ...                          "examples": 110})
+    {'sft.last_epoch_loss': 0.21, 'sft.seconds': 612.0, 'sft.peak_rss_mb': 3444.0}
+    >>> headline_metrics("eval", {"summary": {"dev.tatqa.adapter.execution_accuracy": 0.22, "dev.tatqa.adapter.n": 152,
+    ...                                       "dev.pooled.adapter.format_rate": 0.99, "model": "m"}})
+    {'dev.tatqa.adapter.execution_accuracy': 0.22, 'dev.pooled.adapter.format_rate': 0.99}
+    """
+    out: dict[str, Any] = {}
+    if stage == "retriever":
+        kind = report.get("retriever")
+        for name, body in report.get("sets", {}).items():
+            out[f"{name}.recall_at_3"] = (body.get(kind) or {}).get("recall_at_3")
+        out["retriever.seconds_per_question"] = (report.get("training") or {}).get("seconds_per_question")
+    elif stage == "sft":
+        out = {f"sft.{k}": report.get(k) for k in ("last_epoch_loss", "seconds", "peak_rss_mb")}
+    elif stage == "train":
+        final = report.get("final_metrics") or {}
+        out = {"train.steps": report.get("steps"), "train.reward_mean": final.get("reward_mean"),
+               "train.zero_std_group_fraction": final.get("zero_std_group_fraction"),
+               "train.seconds_per_step": report.get("seconds_per_step"), "train.peak_rss_mb": report.get("peak_rss_mb"),
+               "train.wall_seconds": report.get("wall_seconds")}
+    elif stage == "eval":
+        for key, value in report.get("summary", {}).items():
+            parts = key.split(".")
+            if len(parts) != 4:
+                continue
+            adapter = parts[2] == "adapter"
+            if parts[3].startswith(HEADLINE_EVAL) or (adapter and parts[3] in HEADLINE_EVAL_ADAPTER) or (
+                    adapter and parts[1] == "pooled" and parts[3] in HEADLINE_EVAL_POOLED):
+                out[key] = value
+    elif stage == "promotion":
+        comparison = (report.get("gate") or {}).get("comparison") or {}
+        out = {"promotion.promoted": int(report.get("decision") == "promoted"),
+               "promotion.challenger": (report.get("challenger") or {}).get("value"),
+               "promotion.champion_before": (report.get("previous_champion") or {}).get("value"),
+               "promotion.p_value": comparison.get("p_value")}
+    else:
+        raise ValueError(f"headline_metrics: unknown stage {stage!r}")
+    return {k: v for k, v in out.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def write_headline(cfg: "Config", stage: str, report: dict[str, Any]) -> Path:
+    """:func:`headline_metrics` of ``report`` -> ``<pipeline.metrics_dir>/<stage>.json`` (a dvc metrics file)."""
+    path = Path(cfg.pipeline.metrics_dir or Path(cfg.pipeline.reports_dir) / "metrics") / f"{stage}.json"
+    write_json_atomic(path, headline_metrics(stage, report))
+    return path
+
+
 def clear_checkpoints(checkpoint_dir: str | Path, prefix: str = "step-") -> int:
     """Remove the ``<prefix><n>`` checkpoint folders of an earlier training; returns how many.
 
@@ -213,6 +275,7 @@ def retriever_stage(cfg: "Config") -> dict:
             sets[name]["cross_encoder"] = retrieval_recall(recs, retriever)
     out = {"retriever": cfg.prompt.retriever, "training": summary, "output_dir": str(out_dir), "sets": sets}
     write_json_atomic(cfg.retriever.summary_path, out)
+    write_headline(cfg, "retriever", out)
     for name, body in sets.items():
         log.info("retriever: %s recall@3 %s", name,
                  ", ".join(f"{kind} {(fig['recall_at_3'] or 0.0):.3f}" for kind, fig in body.items()))
@@ -224,7 +287,9 @@ def sft_stage(cfg: "Config") -> dict:
     starts from when ``train.init_adapter`` points there); the summary also goes to ``sft.summary_path``."""
     from fingrpo.sft import sft_from_config
 
-    return sft_from_config(cfg)
+    summary = sft_from_config(cfg)
+    write_headline(cfg, "sft", summary)
+    return summary
 
 
 def train_stage(cfg: "Config", resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
@@ -259,6 +324,7 @@ def train_stage(cfg: "Config", resume: bool = False, callbacks: Sequence[Any] = 
     metrics = _train_summary_metrics(summary)
     metrics.setdefault("wall_seconds", round(time.perf_counter() - started, 3))
     write_json_atomic(cfg.pipeline.train_summary_path, metrics)
+    write_headline(cfg, "train", metrics)
     return summary
 
 
@@ -290,6 +356,7 @@ def evaluate_stage(cfg: "Config", adapter_dir: str | None = None, base_only: boo
     from fingrpo.evaluate import evaluate_from_config
 
     result = evaluate_from_config(cfg, adapter_dir=adapter_dir, base_only=base_only)
+    write_headline(cfg, "eval", result)
     if cfg.tracking.enabled and not base_only:
         from fingrpo.tracking import runs
 
@@ -347,5 +414,7 @@ def register_stage(cfg: "Config") -> dict:
 
     # the gate measures the champion on this run's sets when it was measured on others
     champion_dir = Path(cfg.pipeline.reports_dir) / "champion_eval"
-    return registry.register_from_config(cfg, evaluate_champion=lambda adapter, serving: evaluate_registered(
+    decision = registry.register_from_config(cfg, evaluate_champion=lambda adapter, serving: evaluate_registered(
         cfg, adapter, serving, champion_dir))
+    write_headline(cfg, "promotion", decision)
+    return decision

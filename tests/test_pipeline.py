@@ -247,8 +247,15 @@ def test_dvc_pipeline_reproduces_incrementally(tmp_path, data_dir, tiny_model_pa
     assert _ran(second) == set(), second
     assert "Data and pipelines are up to date" in _dvc(root, env, "status")
 
-    metrics = json.dumps(json.loads(_dvc(root, env, "metrics", "show", "--json")))
-    assert "execution_accuracy" in metrics and "reward_mean" in metrics
+    shown = json.loads(_dvc(root, env, "metrics", "show", "--json"))
+    metrics = json.dumps(shown)
+    assert "execution_accuracy" in metrics and "train.reward_mean" in metrics and "sft.peak_rss_mb" in metrics
+    # the declared metrics are the headline figures only: few columns for `dvc exp show`, no ids, no details
+    files = {f: v["data"] for f, v in shown[""]["data"].items()}
+    assert set(files) == {f"reports/metrics/{n}.json" for n in ("retriever", "sft", "train", "eval", "promotion")}
+    columns = [k for body in files.values() for k in body]
+    assert 10 <= len(columns) <= 30, columns
+    assert not any("final_metrics" in k or "run_id" in k or k.endswith(".n") for k in columns), columns
     plots = json.loads(_dvc(root, env, "plots", "show", "--json"))["data"]
     assert "training curves" in plots and any(k.endswith("training_curves.png") for k in plots)
 
@@ -264,9 +271,9 @@ def test_dvc_pipeline_reproduces_incrementally(tmp_path, data_dir, tiny_model_pa
     assert "0.0005" in (root / "params.yaml").read_text()
     # metrics of both sides are readable: HEAD's from the cache, the experiment's from the workspace
     diff = json.loads(_dvc(root, env, "metrics", "diff", "--all", "--json"))
-    eval_diff = diff["reports/eval.json"]["dev.pooled.adapter.execution_accuracy"]
+    eval_diff = diff["reports/metrics/eval.json"]["dev.pooled.adapter.execution_accuracy"]
     assert eval_diff["old"] is not None and eval_diff["new"] is not None
-    assert "final_metrics.reward_mean" in diff["reports/train.json"]
+    assert "train.reward_mean" in diff["reports/metrics/train.json"]
     exp_show = json.dumps(json.loads(_dvc(root, env, "exp", "show", "--json")))
     assert "0.0005" in exp_show and "execution_accuracy" in exp_show
 
