@@ -96,7 +96,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    result = pipeline.evaluate_stage(_config(args), adapter_dir=args.adapter, base_only=args.base_only)
+    result = pipeline.evaluate_stage(_config(args), adapter_dir=args.adapter, base_only=args.base_only,
+                                     base_stage=args.base_stage)
     _print_json(result.get("summary", result) if isinstance(result, dict) else result)
     return 0
 
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", parents=[common], help="greedy generation + execution/program accuracy, base vs adapter")
     p.add_argument("--adapter", default=None, help="adapter folder (default: train.output_dir)")
     p.add_argument("--base-only", action="store_true", help="evaluate the base model alone (no adapter needed)")
+    p.add_argument("--base-stage", action="store_true",
+                   help="the base model alone into reports/eval_base.json + predictions_base.jsonl (the evaluate_base "
+                        "stage; `fingrpo evaluate` reuses them when prompts, records and settings match)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("plot", parents=[common], help="PNG plots from the training metrics and the evaluation")

@@ -10,6 +10,8 @@ The scoring rules themselves (official FinQA and TAT-QA, and the tolerant rule) 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +20,7 @@ from fingrpo.config import Config
 from fingrpo.data.finqa import FinQARecord
 from fingrpo.data.prompts import make_examples, render_prompt
 from fingrpo.data.sources import dataset_of, eval_records, eval_sets, few_shot_records
-from fingrpo.io import write_json_atomic, write_jsonl_atomic
+from fingrpo.io import read_json, write_json_atomic, write_jsonl_atomic
 from fingrpo.lineage import DATA_POINTER, data_hash
 from fingrpo.model import generate_completions, load_adapter, load_model_and_tokenizer, sample_completions
 from fingrpo.official import tatqa_em_f1
@@ -81,6 +83,51 @@ def _sample_correct(model: Any, tokenizer: Any, records: list, prompts: list[str
                                  temperature=cfg.train.temperature, top_p=cfg.train.top_p, seed=cfg.train.seed)
     return [sum(bool(score_prediction({"id": rec.id, "completion": c}, rec, ecfg.rel_tolerance)["correct_official"])
                 for c in completions) for rec, completions in zip(records, samples)]
+
+
+def base_cache_paths(cfg: "Config") -> tuple[Path, Path]:
+    """Where ``fingrpo evaluate --base-stage`` keeps the base model's evaluation (the ``evaluate_base`` DVC
+    stage): beside ``evaluate.output_path`` and ``evaluate.predictions_path``, named ``*_base``."""
+    out, pred = Path(cfg.evaluate.output_path), Path(cfg.evaluate.predictions_path)
+    return out.with_name(f"{out.stem}_base{out.suffix}"), pred.with_name(f"{pred.stem}_base{pred.suffix}")
+
+
+def _base_key(cfg: "Config", keys: list, records: list, prompts: list[str]) -> str:
+    """What the base model's rows depend on: the model, the exact prompts, the records (their gold
+    answers), generation, scoring and (pass@k) sampling. Equal keys: the cached rows are valid (their
+    rewards are scored again with the current ``rewards``: cheap, and no rewards knob re-runs the base)."""
+    ecfg = cfg.evaluate
+    parts = {"model": cfg.model.model_dump(mode="json"),
+             "keys": [list(k) for k in keys], "prompts": prompts,
+             "records": [r.model_dump(mode="json") if hasattr(r, "model_dump") else repr(r) for r in records],
+             "evaluate": [ecfg.max_new_tokens, ecfg.rel_tolerance, sorted(ecfg.pass_at_k)],
+             "sampling": [cfg.train.temperature, cfg.train.top_p, cfg.train.seed] if ecfg.pass_at_k else None}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cached_base_rows(cfg: "Config", paths: tuple[Path, Path], key: str, examples: list, prompts: list[str],
+                      rewards: list) -> tuple[list[dict], dict] | None:
+    """The base rows in ``paths`` (an evaluation JSON and its predictions) when they were made for exactly
+    this ``key``, their rewards scored with ``rewards``; None when there are none or made for something else."""
+    eval_path, pred_path = paths
+    if not (eval_path.is_file() and pred_path.is_file()):
+        return None
+    try:
+        summary = read_json(eval_path).get("summary", {})
+        rows = [json.loads(line) for line in pred_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("base model: cannot read the cached evaluation %s (%s); evaluating it again", eval_path, e)
+        return None
+    if summary.get("base_key") != key or len(rows) != len(prompts):
+        log.info("base model: %s was made for other prompts, records or settings; evaluating it again", eval_path)
+        return None
+    reward = reward_completions(rewards, prompts, [r["completion"] for r in rows], examples, cfg.rewards.nan_value)
+    for i, row in enumerate(rows):
+        for extra in ("sets", "split", "random_subset"):
+            row.pop(extra, None)
+        row["rewards"] = {name: vals[i] for name, vals in reward.per_function.items()}
+        row["reward_total"] = reward.total[i]
+    return rows, dict(reward.failures)
 
 
 _ACCURACIES = ("execution_accuracy", "tolerant_accuracy", "program_accuracy", "format_rate")  # every record has them
@@ -209,7 +256,20 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
         variants.append((ORACLE, contextlib.nullcontext, prompts_for(gold_cfg)))
     by_model: dict[str, dict[tuple[str, str], dict]] = {}
     failures: dict[str, dict] = {}
+    # the base model's rows are reused when they were made for the same prompts, records and settings: the
+    # evaluate_base stage's (base_cache_paths), or for a base-only evaluation what its own outputs hold
+    base_key, base_from = _base_key(cfg, keys, records, served[1]), None
+    base_cache = (Path(ecfg.output_path), Path(ecfg.predictions_path)) if base_only else base_cache_paths(cfg)
     for name, ctx, (examples, prompts) in variants:
+        cached = _cached_base_rows(cfg, base_cache, base_key, examples, prompts, rewards) if name == "base" else None
+        if cached is not None:
+            log.info("base model: the rows of %s (same prompts, records and settings)", base_cache[1])
+            rows, failures[name] = cached
+            by_model[name] = dict(zip(keys, rows))
+            base_from = str(base_cache[1])
+            continue
+        if name == "base":
+            base_from = "generated"
         log.info("evaluating %s on %d records of %d sets", name, len(records), len(sets))
         with ctx():
             rows, failures[name] = _generate_rows(model, tokenizer, examples, records, prompts, rewards, cfg, name)
@@ -264,6 +324,8 @@ def evaluate_from_config(cfg: "Config", adapter_dir: str | Path | None = None, b
         "retriever": retriever.name if cfg.prompt.context_mode == "retrieved" else None,
         "data_md5": data_hash(DATA_POINTER) or "none",  # the data version evaluated (the gate compares like with like)
         "max_records": ecfg.max_records,
+        "base_key": base_key,  # what the base model's rows depend on (the evaluate_base stage's cache key)
+        "base_from": base_from,  # the base rows: "generated" here, the evaluate_base stage's file, or None
     })
     result["summary"] = summary
     write_json_atomic(ecfg.output_path, result)

@@ -350,13 +350,30 @@ def launch_train(cfg: "Config", resume: bool = False) -> dict:
     return read_json(cfg.pipeline.train_summary_path)
 
 
-def evaluate_stage(cfg: "Config", adapter_dir: str | None = None, base_only: bool = False) -> dict:
+def evaluate_stage(cfg: "Config", adapter_dir: str | None = None, base_only: bool = False,
+                   base_stage: bool = False) -> dict:
     """Greedy evaluation (base vs adapter) -> ``evaluate.output_path``; logged to the training's MLflow run
-    (``base_only``: the base model alone, not logged: there is no training run to log into)."""
-    from fingrpo.evaluate import evaluate_from_config
+    (``base_only``: the base model alone, not logged: there is no training run to log into).
 
+    ``base_stage`` (the ``evaluate_base`` DVC stage, which no ``train.*`` or ``sft.*`` knob reaches): the
+    base model alone into :func:`fingrpo.evaluate.base_cache_paths`, which the adapter's evaluation reuses
+    for its base rows when they were made for the same prompts, records and settings; with
+    ``evaluate.compare_base: false`` it only writes that nothing was evaluated."""
+    from fingrpo.evaluate import base_cache_paths, evaluate_from_config
+
+    if base_stage:
+        eval_path, pred_path = base_cache_paths(cfg)
+        if not cfg.evaluate.compare_base:
+            out = {"summary": {"skipped": "evaluate.compare_base is false: the base model is not evaluated"}}
+            write_json_atomic(eval_path, out)
+            pred_path.write_text("", encoding="utf-8")
+            return out
+        paths = {"output_path": str(eval_path), "predictions_path": str(pred_path)}
+        return evaluate_from_config(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update=paths)}),
+                                    base_only=True)
     result = evaluate_from_config(cfg, adapter_dir=adapter_dir, base_only=base_only)
-    write_headline(cfg, "eval", result)
+    if not base_only:  # an ad-hoc base-only evaluation leaves the pipeline's metrics alone
+        write_headline(cfg, "eval", result)
     if cfg.tracking.enabled and not base_only:
         from fingrpo.tracking import runs
 

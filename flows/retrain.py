@@ -1,4 +1,4 @@
-"""Prefect flow ``retrain``: pull -> prepare -> validate -> check-new -> retriever -> sft -> train -> evaluate -> plot -> register, for scheduled retraining.
+"""Prefect flow ``retrain``: pull -> prepare -> validate -> check-new -> retriever -> sft -> train -> (evaluate-base) -> evaluate -> plot -> register, for scheduled retraining.
 
 Each task calls one stage function of :mod:`fingrpo.pipeline` (the same ones ``dvc repro`` runs
 through the ``fingrpo`` CLI) and has no logic of its own. Run it once, in-process::
@@ -104,6 +104,11 @@ def sft_task(cfg: Config) -> dict:
 @task(name="train", **_TRACKED)
 def train_task(cfg: Config, resume: bool = False) -> dict:
     return pipeline.train_stage(cfg, resume=resume)
+
+
+@task(name="evaluate-base", **_TRACKED)
+def evaluate_base_task(cfg: Config) -> dict:
+    return pipeline.evaluate_stage(cfg, base_stage=True)
 
 
 @task(name="evaluate", **_TRACKED)
@@ -225,6 +230,8 @@ def retrain(params_path: str = "params.yaml", overrides: dict | None = None, res
     if warm_start and not (resume and Path(warm_start, "adapter_model.safetensors").is_file()):
         sft_task(cfg)
     train = train_task(cfg, resume=resume)
+    if cfg.evaluate.compare_base:  # the base model's rows: reused from an earlier run when they still match
+        evaluate_base_task(cfg)
     evaluation = evaluate_task(cfg)
     plots = plot_task(cfg)
     promotion = register_task(cfg)  # last: reached only if every stage above succeeded

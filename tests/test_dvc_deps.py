@@ -219,3 +219,13 @@ def test_no_module_is_over_500_lines_without_a_reason():
     over = {p: n for p, n in long.items() if n > MAX_LINES}
     assert set(over) <= set(LONG_MODULES), f"over {MAX_LINES} lines without a reason in LONG_MODULES: {over}"
     assert all(long.get(p, 0) > MAX_LINES for p in LONG_MODULES), "LONG_MODULES lists a module that is short now"
+
+
+def test_the_base_stage_paths_in_dvc_yaml_are_where_evaluate_looks():
+    from fingrpo.config import load_config
+    from fingrpo.evaluate import base_cache_paths
+
+    stages = _dvc_stages()
+    paths = [str(p) for p in base_cache_paths(load_config(ROOT / "params.yaml"))]
+    assert stages["evaluate_base"]["outs"] == paths
+    assert set(paths) <= set(stages["evaluate"]["deps"])

@@ -372,3 +372,62 @@ def test_pass_at_k_per_set_counts_the_correct_samples_of_each_record(tmp_path, t
     assert body["pass_at_k"]["1"]["value"] < body["pass_at_k"]["2"]["value"] < body["pass_at_k"]["4"]["value"]
     summary_keys = {k for k in result["summary"] if ".pass_at_" in k}
     assert summary_keys and all(k.rsplit(".", 1)[1] in ("pass_at_1", "pass_at_2", "pass_at_4") for k in summary_keys)
+
+
+def test_the_base_stage_rows_are_reused_only_when_made_for_the_same_prompts_records_and_settings(
+        tmp_path, tiny_model_path, data_dir, zero_adapter, monkeypatch):
+    import fingrpo.evaluate as ev
+    from fingrpo import pipeline
+
+    cfg = _config(tmp_path, tiny_model_path, data_dir, zero_adapter, splits=["dev"], compare_base=True)
+    fresh = evaluate_from_config(cfg)  # no cache yet: the base is generated here
+    fresh_rows = [json.loads(line) for line in Path(cfg.evaluate.predictions_path).read_text().splitlines()]
+    base_eval, base_pred = ev.base_cache_paths(cfg)
+    assert base_eval.name == "eval_base.json" and base_pred.name == "predictions_base.jsonl"
+    assert not base_eval.exists()
+    pipeline.evaluate_stage(cfg, base_stage=True)
+    assert json.loads(base_eval.read_text())["summary"]["base_key"] == fresh["summary"]["base_key"]
+
+    generated = []
+    real = ev._generate_rows
+
+    def counting(model, tokenizer, examples, records, prompts, rewards, c, model_name):
+        generated.append(model_name)
+        return real(model, tokenizer, examples, records, prompts, rewards, c, model_name)
+
+    monkeypatch.setattr(ev, "_generate_rows", counting)
+    # the base stage again (a flow's next run): its own outputs still hold these rows, nothing is generated
+    assert pipeline.evaluate_stage(cfg, base_stage=True)["summary"]["base_from"] == str(base_pred)
+    assert generated == []
+    cached = evaluate_from_config(cfg)
+    assert generated == ["adapter"]  # the base rows came from the base stage
+    assert cached["summary"]["base_from"] == str(base_pred) and fresh["summary"]["base_from"] == "generated"
+    cached_rows = [json.loads(line) for line in Path(cfg.evaluate.predictions_path).read_text().splitlines()]
+    assert cached_rows == fresh_rows  # and are what generating them gives
+    assert cached["dev"] == fresh["dev"]
+    assert {k: v for k, v in cached["summary"].items() if k != "base_from"} == {
+        k: v for k, v in fresh["summary"].items() if k != "base_from"}
+
+    # another reward weighting: still reused, the rewards scored again
+    generated.clear()
+    reweighted = cfg.model_copy(update={"rewards": cfg.rewards.model_copy(update={"weights": {"format": 1.0}})})
+    again = evaluate_from_config(reweighted)
+    assert generated == ["adapter"]
+    assert all(set(v["base"]["rewards"]) == {"format"} for v in again["dev"].values())
+    # another generation length: the cache is stale, the base is generated again
+    generated.clear()
+    longer = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"max_new_tokens": 9})})
+    evaluate_from_config(longer)
+    assert generated == ["adapter", "base"]
+
+
+def test_the_base_stage_with_compare_base_off_evaluates_nothing(tmp_path, tiny_model_path, data_dir, zero_adapter):
+    import fingrpo.evaluate as ev
+    from fingrpo import pipeline
+
+    cfg = _config(tmp_path, tiny_model_path, data_dir, zero_adapter, splits=["dev"], compare_base=False)
+    out = pipeline.evaluate_stage(cfg, base_stage=True)
+    base_eval, base_pred = ev.base_cache_paths(cfg)
+    written = json.loads(base_eval.read_text())
+    assert written == out and "compare_base is false" in written["summary"]["skipped"]
+    assert base_pred.read_text() == ""

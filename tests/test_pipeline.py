@@ -201,7 +201,7 @@ def make_tiny_project(root: Path, data_dir: Path, model_path: Path) -> dict:
     params["train"].update(max_steps=2, prompts_per_step=1, group_size=2, max_new_tokens=8, warmup_steps=0,
                            save_interval=1, eval_interval=2, eval_subset_size=2, num_samples_to_log=0)
     params["sft"].update(epochs=1, batch_size=3)
-    params["evaluate"].update(max_records=2, max_new_tokens=8, batch_size=2, bootstrap_samples=10)
+    params["evaluate"].update(max_records=2, max_new_tokens=8, batch_size=2, bootstrap_samples=10, compare_base=True)
     params["pipeline"].update(data_docs=False)
     params["prepare"].update(dev_fraction=0.3)
     params["data"]["train_sources"][1]["max_records"] = 3  # 6 FinQA + 3 TAT-QA records
@@ -236,7 +236,8 @@ def test_dvc_pipeline_reproduces_incrementally(tmp_path, data_dir, tiny_model_pa
     env = make_tiny_project(root, data_dir, tiny_model_path)
 
     first = _dvc(root, env, "repro")
-    assert _ran(first) == {"prepare", "validate", "retriever", "sft", "train", "evaluate", "plot", "register"}
+    assert _ran(first) == {"prepare", "validate", "retriever", "sft", "train", "evaluate_base", "evaluate", "plot",
+                           "register"}
     for rel in ("reports/prepare.json", "prepared/tatqa_train.json", "prepared/tatqa_dev.json", "reports/validation.json", "reports/sft.json", "models/sft/adapter_model.safetensors", "reports/train.json", "reports/train_metrics.csv", "reports/eval.json",
                 "reports/predictions.jsonl", "reports/promotion.json", "models/adapter", "reports/retriever.json",
                 "models/retriever/head.safetensors", "models/retriever/rankings.json"):
@@ -265,7 +266,10 @@ def test_dvc_pipeline_reproduces_incrementally(tmp_path, data_dir, tiny_model_pa
 
     # a train knob, as an experiment: train and everything downstream re-run, validate does not
     third = _dvc(root, env, "exp", "run", "-S", "train.learning_rate=0.0005")
-    assert not {"prepare", "validate", "retriever", "sft"} & _ran(third), third  # upstream of train.*
+    assert not {"prepare", "validate", "retriever", "sft", "evaluate_base"} & _ran(third), third  # not downstream
+    summary = json.loads((root / "reports/eval.json").read_text())["summary"]
+    assert summary["base_from"] == "reports/predictions_base.jsonl"  # the base figures: from its cached stage
+    assert summary["dev.pooled.base.execution_accuracy"] is not None
     assert {"train", "evaluate", "register"} <= _ran(third), third
     assert "train.learning_rate" in _dvc(root, env, "params", "diff")
     assert "0.0005" in (root / "params.yaml").read_text()
