@@ -359,9 +359,11 @@ def evaluate_stage(cfg: "Config", adapter_dir: str | None = None, base_only: boo
     base model alone into :func:`fingrpo.evaluate.base_cache_paths`, which the adapter's evaluation reuses
     for its base rows when they were made for the same prompts, records and settings; with
     ``evaluate.compare_base: false`` it only writes that nothing was evaluated."""
-    from fingrpo.evaluate import base_cache_paths, evaluate_from_config
+    from fingrpo.evaluate import evaluate_from_config
 
     if base_stage:
+        from fingrpo.evaluate import base_cache_paths
+
         eval_path, pred_path = base_cache_paths(cfg)
         if not cfg.evaluate.compare_base:
             out = {"summary": {"skipped": "evaluate.compare_base is false: the base model is not evaluated"}}
