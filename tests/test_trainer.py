@@ -633,6 +633,7 @@ def test_gold_guided_groups_carry_the_gold_reply_and_the_formula_loss(tmp_path, 
     assert expected["got"] == pytest.approx(expected["loss"], rel=1e-4, abs=1e-6)
     row = read_csv(cfg.train.metrics_path)[0]
     assert float(row["gold_guided_fraction"]) == 1.0 and float(row["zero_std_all_wrong_fraction"]) >= 0.0
+    assert float(row["gold_unavailable_groups"]) == 0.0  # the gold reply fits max_new_tokens here
     assert float(row["reward/program_execution_mean"]) < 1.0  # metrics: the policy's own samples, not the gold row
 
 
@@ -643,3 +644,14 @@ def test_gold_guidance_and_difficulty_need_the_correctness_reward(tmp_path, tiny
         cfg = tiny_cfg(tmp_path, tiny_model_path, beta=0.0, **knob)
         with pytest.raises(ConfigError, match="program_execution"):
             make_trainer(cfg)
+
+
+def test_a_gold_reply_longer_than_a_rollout_is_not_put_in_and_is_counted(tmp_path, tiny_model_path):
+    cfg = tiny_cfg(tmp_path, tiny_model_path, max_steps=1, beta=0.0, max_new_tokens=3, gold_guidance=True,
+                   prompts_per_step=2)
+    trainer = make_trainer(cfg, rewards=[GoldOnly()], examples=_gold_examples())
+    seen = _capture_updates(trainer)
+    trainer.train()
+    row = read_csv(cfg.train.metrics_path)[0]
+    assert float(row["gold_unavailable_groups"]) == 2.0 and float(row["gold_guided_fraction"]) == 0.0
+    assert all(g["off_policy"] is None or not bool(g["off_policy"].any()) for groups in seen for g in groups)

@@ -548,10 +548,11 @@ class GRPOTrainer:
 
         group_rows = [(g.index, _all_equal(g.total), g.correct, g.off_policy is not None, g in kept) for g in sampled]
         gathered = self._gather_objects([acc["total"], acc["lengths"], acc["truncated"], group_rows,
-                                       [acc["failures"]]] + [acc["per_function"][k] for k in acc["names"]])
-        total_all, lengths_all, truncated_all, groups_all, failures_all = (
-            [v for part in gathered for v in part[i]] for i in range(5))
-        per_function_all = {k: [v for part in gathered for v in part[5 + j]] for j, k in enumerate(acc["names"])}
+                                       [acc["failures"]], [acc["gold_unavailable"]]]
+                                      + [acc["per_function"][k] for k in acc["names"]])
+        total_all, lengths_all, truncated_all, groups_all, failures_all, gold_unavailable = (
+            [v for part in gathered for v in part[i]] for i in range(6))
+        per_function_all = {k: [v for part in gathered for v in part[6 + j]] for j, k in enumerate(acc["names"])}
         failures = {k: 0 for k in acc["names"]}
         for f in failures_all:
             for k, v in f.items():
@@ -561,6 +562,8 @@ class GRPOTrainer:
                 if correct is not None:
                     self.sampler.update(index, correct, G)
         group_metrics = _group_metrics(groups_all, G, refill)
+        if train_cfg.gold_guidance:  # all-wrong groups whose gold reply is longer than max_new_tokens
+            group_metrics["gold_unavailable_groups"] = float(sum(gold_unavailable))
         if self.sampler is not None:
             group_metrics.update(self.sampler.summary())
 
