@@ -81,7 +81,8 @@ def _sample_correct(model: Any, tokenizer: Any, records: list, prompts: list[str
     ecfg, n = cfg.evaluate, max(cfg.evaluate.pass_at_k)
     samples = sample_completions(model, tokenizer, prompts, n, ecfg.max_new_tokens, ecfg.batch_size,
                                  temperature=cfg.train.temperature, top_p=cfg.train.top_p, seed=cfg.train.seed)
-    return [sum(bool(score_prediction({"id": rec.id, "completion": c}, rec, ecfg.rel_tolerance)["correct_official"])
+    key = ROW_METRICS["execution_accuracy"]
+    return [sum(bool(score_prediction({"id": rec.id, "completion": c}, rec, ecfg.rel_tolerance)[key])
                 for c in completions) for rec, completions in zip(records, samples)]
 
 

@@ -315,10 +315,12 @@ class GRPOTrainer:
             self._perm_cache = {epoch: order}  # keep one epoch: positions only move forward
         return self._perm_cache[epoch]
 
-    def _step_indices(self, position: int) -> list[int]:
-        """Example indices of the ``prompts_per_step`` examples starting at data ``position`` (epoch order)."""
+    def _step_indices(self, position: int, count: int | None = None) -> list[int]:
+        """Example indices of the ``count`` (default ``prompts_per_step``) examples starting at data
+        ``position`` (epoch order)."""
         n = len(self.train_examples)
-        return [self._epoch_order(i // n)[i % n] for i in range(position, position + self.train_cfg.prompts_per_step)]
+        count = self.train_cfg.prompts_per_step if count is None else count
+        return [self._epoch_order(i // n)[i % n] for i in range(position, position + count)]
 
     def render(self, example: Any) -> str:
         """The exact prompt text of an example (chat template as configured)."""
@@ -383,9 +385,7 @@ class GRPOTrainer:
         the data position on, or the difficulty sampler's draw (never a prompt already in ``chosen``)."""
         if self.sampler is not None:
             return self.sampler.choose(n, step, round_, exclude=chosen)
-        start = self.data_position + len(chosen)
-        n_all = len(self.train_examples)
-        return [self._epoch_order(i // n_all)[i % n_all] for i in range(start, start + n)]
+        return self._step_indices(self.data_position + len(chosen), n)
 
     def _gold_reply(self, index: int, example: Any) -> list[int] | None:
         """The gold reply's tokens + EOS (what ``fingrpo sft`` trains on), or None when the example has no
