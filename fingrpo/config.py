@@ -168,10 +168,8 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(2, ge=0, description="linear warm-up steps before the cosine decay")
     lr_scheduler: Literal["cosine", "constant", "linear"] = Field("cosine", description="schedule after warm-up")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping (L2 norm)")
-    gradient_accumulation_steps: int = Field(
-        1, ge=1, description="rollout micro-batches per step (memory): the step's prompts are sampled and back-propagated "
-        "in this many chunks, gradients accumulated into one update"
-    )
+    gradient_accumulation_steps: int = Field(1, ge=1, description="rollout micro-batches per step (memory): the step's "
+                                             "prompts are sampled and back-propagated in this many chunks, one update")
     backward_chunk_size: int | None = Field(
         None, ge=1, description="completions per backward pass (memory): a group's G completions are back-propagated "
         "this many at a time against one forward of their prompt, the same gradients (null: the whole group at once)"
@@ -207,6 +205,8 @@ class TrainConfig(_Section):
     )
     keep_checkpoints: int | None = Field(3, ge=1, description="newest checkpoints kept in checkpoint_dir (None: all)")
     max_train_records: int | None = Field(None, ge=1, description="use only the first N train records (None: all)")
+    train_sources: list[TrainSourceConfig] | None = Field(None, description="GRPO's own pool, from data.train_sources' "
+                                                          "files (null: the warm start's, data.train_sources)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
     init_adapter: str | None = Field(
         None, description="start from this LoRA adapter folder (the sft stage's output) instead of a fresh LoRA"

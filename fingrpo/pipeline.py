@@ -247,7 +247,7 @@ def retriever_stage(cfg: "Config") -> dict:
     ``prompt.retriever`` chooses between). With ``prompt.retriever: lexical`` nothing is trained: the folder
     only says so, and the summary holds the lexical figures."""
     from fingrpo.data.finqa import load_split
-    from fingrpo.data.sources import eval_records, eval_sets, few_shot_records, train_sources, training_pool
+    from fingrpo.data.sources import eval_records, eval_sets, few_shot_records, train_sources
     from fingrpo.retrieval import LexicalRetriever, ranking_key, retrieval_recall, train_cross_encoder
 
     out_dir = Path(cfg.prompt.retriever_dir)
@@ -256,11 +256,12 @@ def retriever_stage(cfg: "Config") -> dict:
     evaluated = {f"{es.split}.{es.name}": eval_records(cfg, es)[0] for es in eval_sets(cfg)}
     retriever, summary = None, None
     if cfg.prompt.retriever == "cross_encoder":
-        retriever, summary = train_cross_encoder([r for s in train_sources(cfg) for r in load_split(s.path)],
-                                                 cfg.retriever)
+        sources = [r for s in train_sources(cfg) for r in load_split(s.path)]
+        retriever, summary = train_cross_encoder(sources, cfg.retriever)
         retriever.save(out_dir)
-        # rank what the later stages show once, now; the time it takes is the retrieval cost per question
-        to_rank = {ranking_key(r): r for r in [*few_shot_records(cfg), *training_pool(cfg)[1],
+        # rank what the later stages show once, now (every record of the training files, so GRPO's own pool,
+        # train.train_sources, is ranked too); the time it takes is the retrieval cost per question
+        to_rank = {ranking_key(r): r for r in [*few_shot_records(cfg), *sources,
                                                   *(r for recs in evaluated.values() for r in recs)]}
         started = time.perf_counter()
         n = retriever.save_rankings(out_dir, list(to_rank.values()))

@@ -40,6 +40,25 @@ def test_the_pool_mixes_sources_in_turn_after_the_worked_examples(tmp_path, data
     assert [r.id for r in training_pool(capped)[1]] == [r.id for r in pool][:4]  # the cap keeps the mix
 
 
+def test_grpo_can_train_on_its_own_pool_of_the_same_files(tmp_path, data_dir):
+    finqa, tatqa = _files(tmp_path, data_dir)
+    warm = [{"name": "finqa"}, {"name": "tatqa", "path": str(tatqa), "max_records": 1}]
+    tree = {"prompt": {"few_shot": 1}, "data": {"train_path": str(finqa), "train_sources": warm}}
+    cfg = load_config(None, tree)
+    assert [r.id for r in training_pool(cfg, "grpo")[1]] == [r.id for r in training_pool(cfg)[1]]  # null: the same
+    own = load_config(None, {**tree, "train": {"train_sources": [{"name": "tatqa", "path": str(tatqa)}, {"name": "finqa"}]}})
+    finqa_ids = [r["id"] for r in json.loads(finqa.read_text())]
+    tatqa_ids = [r["id"] for r in json.loads(tatqa.read_text())]
+    few, pool = training_pool(own, "grpo")
+    assert [r.id for r in few] == finqa_ids[:1]  # the worked examples stay out of GRPO's pool too
+    assert [r.id for r in pool] == [tatqa_ids[0], finqa_ids[1], tatqa_ids[1], finqa_ids[2], tatqa_ids[2], finqa_ids[3],
+                                    tatqa_ids[3], finqa_ids[4]]
+    assert [r.id for r in training_pool(own)[1]] == [r.id for r in training_pool(cfg)[1]]  # the warm start's is unchanged
+    stray = load_config(None, {**tree, "train": {"train_sources": [{"name": "x", "path": str(tmp_path / "x.json")}]}})
+    with pytest.raises(ConfigError, match="x.json.*is not a file of data.train_sources"):
+        training_pool(stray, "grpo")
+
+
 def test_null_lists_are_the_one_dataset_defaults():
     cfg = load_config(None, {"evaluate": {"splits": ["dev", "test"], "subset": "random"}})
     assert [(s.name, s.split, s.path, s.subset, s.pooled) for s in eval_sets(cfg)] == [

@@ -7,13 +7,14 @@ prepare``), so the prompts, rewards, trainer and evaluation serve every dataset 
 
 The worked examples (``prompt.few_shot``) are the first records of the first source and are left out
 of the pool. Sources are mixed in turn (one record of each, round robin, each source contributing its
-first ``max_records``), so ``train.max_train_records`` keeps the mix.
+first ``max_records``), so ``train.max_train_records`` keeps the mix. GRPO trains on the same pool, or on
+its own (``train.train_sources``, e.g. more of the same files: prompts the warm start has not memorised).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from fingrpo.config import EvalSetConfig, TrainSourceConfig
 from fingrpo.data.finqa import FinQARecord, load_split, random_subset_ids
@@ -28,12 +29,23 @@ def dataset_of(record: FinQARecord) -> str:
     return str((record.model_extra or {}).get("dataset") or "finqa")
 
 
-def train_sources(cfg: "Config") -> list[TrainSourceConfig]:
+def train_sources(cfg: "Config", stage: Literal["sft", "grpo"] = "sft") -> list[TrainSourceConfig]:
     """``data.train_sources`` with every path resolved (a null path is ``data.train_path``), or the FinQA
-    train split alone when the list is null."""
+    train split alone when the list is null. For ``stage="grpo"``: ``train.train_sources`` when set (GRPO's
+    own pool; its files must be among those of ``data.train_sources``, which ``validate`` checks and the
+    retriever stage ranks), else the same sources as the warm start."""
     if cfg.data.train_sources is None:
-        return [TrainSourceConfig(name="finqa", path=cfg.data.train_path)]
-    return [s.model_copy(update={"path": s.path or cfg.data.train_path}) for s in cfg.data.train_sources]
+        warm = [TrainSourceConfig(name="finqa", path=cfg.data.train_path)]
+    else:
+        warm = [s.model_copy(update={"path": s.path or cfg.data.train_path}) for s in cfg.data.train_sources]
+    if stage == "sft" or cfg.train.train_sources is None:
+        return warm
+    own = [s.model_copy(update={"path": s.path or cfg.data.train_path}) for s in cfg.train.train_sources]
+    unknown = sorted({s.path for s in own} - {s.path for s in warm})
+    if unknown:
+        raise ConfigError(f"train.train_sources: {unknown} is not a file of data.train_sources "
+                          f"{[s.path for s in warm]} (only those are validated and ranked by the retriever stage)")
+    return own
 
 
 def few_shot_records(cfg: "Config") -> list[FinQARecord]:
@@ -46,14 +58,14 @@ def few_shot_records(cfg: "Config") -> list[FinQARecord]:
     return load_split(train_sources(cfg)[0].path)[: k + 1] if k else []
 
 
-def training_pool(cfg: "Config") -> tuple[list[FinQARecord], list[FinQARecord]]:
-    """(worked examples, training records): see the module docstring."""
+def training_pool(cfg: "Config", stage: Literal["sft", "grpo"] = "sft") -> tuple[list[FinQARecord], list[FinQARecord]]:
+    """(worked examples, training records) of the warm start (``"sft"``) or of GRPO (``"grpo"``:
+    ``train.train_sources`` when set): see the module docstring."""
     per_source: list[list[FinQARecord]] = []
     k = cfg.prompt.few_shot
-    for i, source in enumerate(train_sources(cfg)):
-        records = load_split(source.path)
-        if i == 0:
-            records = records[k:]  # the worked examples (few_shot_records) are not trained on
+    shown = {r.id for r in few_shot_records(cfg)[:k]}  # the worked examples are not trained on
+    for source in train_sources(cfg, stage):
+        records = [r for r in load_split(source.path) if r.id not in shown]
         per_source.append(records[: source.max_records] if source.max_records is not None else records)
     pool: list[FinQARecord] = []
     for j in range(max((len(r) for r in per_source), default=0)):

@@ -968,7 +968,7 @@ def train_from_config(cfg: "Config", resume: bool = False, callbacks: Sequence[A
 
     # data: the worked examples (few_shot_records) and the mixed training pool
     few = few_shot_records(cfg)
-    _, train_records = training_pool(cfg)
+    _, train_records = training_pool(cfg, "grpo")
     train_examples = make_examples(train_records, cfg.prompt, tokenizer=tokenizer, few_shot_records=few, training=True)
     dev_records = load_split(cfg.data.dev_path)[: train_cfg.eval_subset_size]
     eval_examples = make_examples(dev_records, cfg.prompt, tokenizer=tokenizer, few_shot_records=few)
