@@ -7,6 +7,7 @@ Each run folder holds what a pipeline run leaves in ``reports/`` (``eval.json``,
 ``train_metrics.csv``, ``sft_metrics.csv`` and ``predictions.jsonl``); ``experiments/results.sh`` fills
 them. Writes ``table.md`` (one row per run and model: official and tolerant execution accuracy and the
 format rate with bootstrap 95% intervals, on the random-sample records and on all records evaluated),
+``paired.md`` (the first run against each of the others on the same records: gained, lost, exact McNemar),
 ``learning_curves.png`` (training reward terms per step, one line per run), ``samples.md`` (the same
 dev questions answered by the base model and by each adapter).
 """
@@ -22,6 +23,7 @@ from typing import Any, Sequence
 from fingrpo.errors import DataError
 from fingrpo.io import write_text_atomic
 from fingrpo.rewards import REWARD_REGISTRY
+from fingrpo.scoring import ROW_METRICS
 
 
 def _pct(value: Any, ci: Sequence[Any] | None = None) -> str:
@@ -193,11 +195,68 @@ def sample_completions(runs: dict[str, dict], k: int = 6, split: str = "dev") ->
     return "\n".join(out)
 
 
+def _correct_by_set(run: dict, model: str, split: str) -> dict[str, dict[tuple[str, str], bool]]:
+    """``{set name: {(dataset, id): right}}`` of one model in a run's predictions.jsonl, with ``"pooled"``:
+    the records of the sets its eval.json marks pooled ({} without predictions)."""
+    path = run["folder"] / "predictions.jsonl"
+    if not path.is_file():
+        return {}
+    pooled = {k.split(".", 1)[1] for k, v in run["eval"].get("summary", {}).get("sets", {}).items()
+              if k.startswith(f"{split}.") and v.get("pooled")}
+    out: dict[str, dict[tuple[str, str], bool]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row.get("model") != model or row.get("split") != split:
+            continue
+        key, right = (row.get("dataset", "finqa"), row["id"]), bool(row[ROW_METRICS["execution_accuracy"]])
+        for name in row.get("sets", []):
+            out.setdefault(name, {})[key] = right
+        if pooled & set(row.get("sets", [])):
+            out.setdefault("pooled", {})[key] = right
+    return out
+
+
+def paired_comparisons(runs: dict[str, dict], model: str = "adapter", split: str = "dev") -> str:
+    """Markdown: the first run's ``model`` against each other run's, per evaluation set and pooled, on the
+    records both predicted: accuracies, records gained (right only in the first run) and lost, and the
+    two-sided exact McNemar p-value (twice the one-sided tail of the larger count; 1 with no discordant
+    record). The first run is what is being judged (the recipe), the others what it is judged against."""
+    from fingrpo.tracking.registry import mcnemar_p
+
+    names = list(runs)
+    if len(names) < 2:
+        return ""
+    first = _correct_by_set(runs[names[0]], model, split)
+    lines = []
+    for other_name in names[1:]:
+        other = _correct_by_set(runs[other_name], model, split)
+        for set_name in [*(n for n in first if n != "pooled"), "pooled"]:
+            keys = sorted(set(first.get(set_name, {})) & set(other.get(set_name, {})))
+            if not keys:
+                continue
+            a, b = first[set_name], other[set_name]
+            gained = sum(a[k] and not b[k] for k in keys)
+            lost = sum(b[k] and not a[k] for k in keys)
+            p = min(1.0, 2 * mcnemar_p(max(gained, lost), min(gained, lost))) if gained + lost else 1.0
+            acc_a, acc_b = (100 * sum(x[k] for k in keys) / len(keys) for x in (a, b))
+            lines.append(f"| {names[0]} vs {other_name} | {set_name} | {len(keys)} | {acc_a:.1f} | {acc_b:.1f} "
+                         f"| {acc_a - acc_b:+.1f} | {gained} | {lost} | {p:.3g} |")
+    if not lines:
+        return ""
+    head = (f"| comparison ({model}) | set | n (paired) | first % | second % | Δ points | gained | lost "
+            "| McNemar p (exact, two-sided) |\n|---|---|---|---|---|---|---|---|---|\n")
+    return head + "\n".join(lines) + "\n"
+
+
 def write_results(folders: Sequence[str | os.PathLike], output: str | os.PathLike) -> list[Path]:
-    """``table.md``, ``learning_curves.png`` and ``samples.md`` under ``output``; returns their paths."""
+    """``table.md``, ``paired.md`` (the first run against each other one, with predictions),
+    ``learning_curves.png`` and ``samples.md`` under ``output``; returns their paths."""
     runs = load_runs(folders)
     output = Path(output)
     written = [write_text_atomic(output / "table.md", results_table(runs))]
+    paired = paired_comparisons(runs)
+    if paired:
+        written.append(write_text_atomic(output / "paired.md", paired))
     png = plot_learning_curves(runs, output / "learning_curves.png")
     if png is not None:
         written.append(png)
@@ -207,4 +266,4 @@ def write_results(folders: Sequence[str | os.PathLike], output: str | os.PathLik
     return written
 
 
-__all__ = ["load_runs", "results_table", "plot_learning_curves", "sample_completions", "write_results"]
+__all__ = ["load_runs", "results_table", "paired_comparisons", "plot_learning_curves", "sample_completions", "write_results"]

@@ -68,3 +68,42 @@ def test_baseline_only_folder_has_no_curves(tmp_path):
     assert [p.name for p in paths] == ["table.md"]
     row = (tmp_path / "out" / "table.md").read_text().splitlines()[-1]
     assert row.startswith("| baseline-gold-0shot | base |") and row.endswith("| – | – | – |")
+
+
+def _paired_run(folder: Path, right: dict[str, list[bool]]) -> Path:
+    """A run whose adapter got ``right[set][i]`` on record i of each set (set 'extra' is not pooled)."""
+    folder.mkdir(parents=True)
+    sets = {f"dev.{name}": {"pooled": name != "extra"} for name in right}
+    (folder / "eval.json").write_text(json.dumps({"dev": {}, "summary": {"sets": sets}}))
+    rows = [{"id": f"{name}-{i}", "dataset": "tatqa" if name == "tatqa" else "finqa", "split": "dev",
+             "model": model, "sets": [name], "random_subset": False, "completion": "", "exe_ans": 1.0,
+             "correct_official": ok if model == "adapter" else False}
+            for name, oks in right.items() for i, ok in enumerate(oks) for model in ("base", "adapter")]
+    (folder / "predictions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder
+
+
+def test_paired_comparison_counts_gained_and_lost_records_with_exact_mcnemar(tmp_path):
+    from math import comb
+
+    # finqa: the recipe gains records 0-5 and loses record 6 (7 discordant); tatqa: gains 0-1, no loss
+    recipe = _paired_run(tmp_path / "recipe", {"finqa": [True] * 6 + [False, True, False],
+                                               "tatqa": [True, True, False], "extra": [True]})
+    warm = _paired_run(tmp_path / "sft-only", {"finqa": [False] * 6 + [True, True, False],
+                                               "tatqa": [False, False, False], "extra": [False]})
+    paths = write_results([recipe, warm], tmp_path / "out")
+    assert "paired.md" in [p.name for p in paths]
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:-1]]
+            for line in (tmp_path / "out" / "paired.md").read_text().splitlines() if line.startswith("| recipe vs")}
+    p_finqa = 2 * sum(comb(7, k) for k in range(6, 8)) / 2 ** 7  # two-sided: twice P(X >= 6), X ~ Bin(7, 1/2)
+    assert rows["finqa"] == ["9", "77.8", "22.2", "+55.6", "6", "1", f"{p_finqa:.3g}"]
+    assert rows["tatqa"] == ["3", "66.7", "0.0", "+66.7", "2", "0", "0.5"]
+    # pooled: the sets marked pooled only (not 'extra'): 8 gained, 1 lost of 12
+    p_pooled = 2 * sum(comb(9, k) for k in range(8, 10)) / 2 ** 9
+    assert rows["pooled"] == ["12", "75.0", "16.7", "+58.3", "8", "1", f"{p_pooled:.3g}"]
+    assert rows["extra"][4:6] == ["1", "0"]
+    # the same run against itself: nothing discordant, p = 1
+    same = write_results([recipe, _paired_run(tmp_path / "again", {"finqa": [True] * 6 + [False, True, False]})],
+                         tmp_path / "out2")
+    text = (tmp_path / "out2" / "paired.md").read_text() if any(p.name == "paired.md" for p in same) else ""
+    assert "| recipe vs again | finqa | 9 | 77.8 | 77.8 | +0.0 | 0 | 0 | 1 |" in text
