@@ -8,7 +8,8 @@ Each run folder holds what a pipeline run leaves in ``reports/`` (``eval.json``,
 them. Writes ``table.md`` (one row per run and model: official and tolerant execution accuracy and the
 format rate with bootstrap 95% intervals, on the random-sample records and on all records evaluated),
 ``paired.md`` (the first run against each of the others on the same records: gained, lost, exact McNemar),
-``learning_curves.png`` (training reward terms per step, one line per run), ``samples.md`` (the same
+``learning_curves.png`` (training reward terms per step, one line per run), ``group_statistics.png`` (the
+groups that carried signal, dropped and gold-guided, per step), ``samples.md`` (the same
 dev questions answered by the base model and by each adapter).
 """
 
@@ -114,18 +115,67 @@ def _read_csv(path: Path) -> list[dict]:
 LEARNING_CURVE_TERMS = tuple(name for name in REWARD_REGISTRY if name != "correctness")
 
 
+def _train_frames(runs: dict[str, dict]) -> dict:
+    import pandas as pd
+
+    return {name: pd.read_csv(run["folder"] / "train_metrics.csv") for name, run in runs.items()
+            if (run["folder"] / "train_metrics.csv").is_file()}
+
+
+def _panel(ax: Any, frames: dict, column: str, title: str) -> None:
+    """One line per run of ``column`` against the GRPO step (rolling mean over 5 steps)."""
+    for name, frame in frames.items():
+        if column in frame.columns:
+            data = frame[["step", column]].dropna()
+            ax.plot(data["step"], data[column].rolling(5, min_periods=1, center=True).mean(), lw=1.6, label=name)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("GRPO step")
+    ax.grid(alpha=0.3)
+
+
+# where GRPO's signal goes, per step: (column of train_metrics.csv, panel title); a panel is drawn when a run has it
+GROUP_STATISTICS = (
+    ("solved_group_fraction", "groups with a correct completion"),
+    ("zero_std_all_right_fraction", "groups all equal: all right"),
+    ("zero_std_all_wrong_fraction", "groups all equal: none right"),
+    ("dynamic/dropped_share", "dynamic sampling: dropped / sampled groups"),
+    ("gold_guided_fraction", "gold-guided groups (share of the update)"),
+)
+
+
+def plot_group_statistics(runs: dict[str, dict], path: str | os.PathLike) -> Path | None:
+    """The group statistics of every run with ``train_metrics.csv`` (:data:`GROUP_STATISTICS`), one panel
+    each, one line per run: how many groups carried signal, how many dynamic sampling dropped, how many were
+    gold-guided. None when no run trained."""
+    from matplotlib.figure import Figure
+
+    frames = _train_frames(runs)
+    for frame in frames.values():
+        if {"dynamic/dropped_groups", "dynamic/sampled_groups"} <= set(frame.columns):
+            frame["dynamic/dropped_share"] = frame["dynamic/dropped_groups"] / frame["dynamic/sampled_groups"]
+    present = [(c, t) for c, t in GROUP_STATISTICS if any(c in f.columns for f in frames.values())]
+    if not present:
+        return None
+    fig = Figure(figsize=(3.6 * len(present), 3.4), dpi=110, layout="constrained")
+    axes = fig.subplots(1, len(present), squeeze=False)[0]
+    for ax, (column, title) in zip(axes, present):
+        _panel(ax, frames, column, title)
+        ax.set_ylim(-0.03, 1.03)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("GRPO group statistics per step (rolling mean over 5 steps)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
 def plot_learning_curves(runs: dict[str, dict], path: str | os.PathLike,
                          terms: Sequence[str] = LEARNING_CURVE_TERMS) -> Path | None:
     """One panel per reward term (its per-step mean during GRPO; rolling mean over 5 steps), one line per
     run that has ``train_metrics.csv``; the last panel is the warm start's loss. None when no run trained."""
-    import pandas as pd
     from matplotlib.figure import Figure
 
-    frames = {}
-    for name, run in runs.items():
-        csv_path = run["folder"] / "train_metrics.csv"
-        if csv_path.is_file():
-            frames[name] = pd.read_csv(csv_path)
+    frames = _train_frames(runs)
     if not frames:
         return None
     present = [t for t in terms if any(f"reward/{t}_mean" in f.columns for f in frames.values())]
@@ -135,14 +185,7 @@ def plot_learning_curves(runs: dict[str, dict], path: str | os.PathLike,
     fig = Figure(figsize=(12, 3.2 * rows + 0.6), dpi=110, layout="constrained")
     axes = [ax for row in fig.subplots(rows, cols, squeeze=False) for ax in row]
     for ax, term in zip(axes, present):
-        column = f"reward/{term}_mean"
-        for name, frame in frames.items():
-            if column in frame.columns:
-                data = frame[["step", column]].dropna()
-                ax.plot(data["step"], data[column].rolling(5, min_periods=1, center=True).mean(), lw=1.6, label=name)
-        ax.set_title(f"{term} (mean over rollouts)")
-        ax.set_xlabel("GRPO step")
-        ax.grid(alpha=0.3)
+        _panel(ax, frames, f"reward/{term}_mean", f"{term} (mean over rollouts)")
     ax = axes[len(present)]
     for name, run in runs.items():
         sft_csv = run["folder"] / "sft_metrics.csv"
@@ -250,20 +293,21 @@ def paired_comparisons(runs: dict[str, dict], model: str = "adapter", split: str
 
 def write_results(folders: Sequence[str | os.PathLike], output: str | os.PathLike) -> list[Path]:
     """``table.md``, ``paired.md`` (the first run against each other one, with predictions),
-    ``learning_curves.png`` and ``samples.md`` under ``output``; returns their paths."""
+    ``learning_curves.png``, ``group_statistics.png`` and ``samples.md`` under ``output``; returns their paths."""
     runs = load_runs(folders)
     output = Path(output)
     written = [write_text_atomic(output / "table.md", results_table(runs))]
     paired = paired_comparisons(runs)
     if paired:
         written.append(write_text_atomic(output / "paired.md", paired))
-    png = plot_learning_curves(runs, output / "learning_curves.png")
-    if png is not None:
-        written.append(png)
+    for png in (plot_learning_curves(runs, output / "learning_curves.png"),
+                plot_group_statistics(runs, output / "group_statistics.png")):
+        if png is not None:
+            written.append(png)
     samples = sample_completions(runs)
     if samples:
         written.append(write_text_atomic(output / "samples.md", samples))
     return written
 
 
-__all__ = ["load_runs", "results_table", "paired_comparisons", "plot_learning_curves", "sample_completions", "write_results"]
+__all__ = ["load_runs", "results_table", "paired_comparisons", "plot_learning_curves", "plot_group_statistics", "sample_completions", "write_results"]

@@ -107,3 +107,16 @@ def test_paired_comparison_counts_gained_and_lost_records_with_exact_mcnemar(tmp
                          tmp_path / "out2")
     text = (tmp_path / "out2" / "paired.md").read_text() if any(p.name == "paired.md" for p in same) else ""
     assert "| recipe vs again | finqa | 9 | 77.8 | 77.8 | +0.0 | 0 | 0 | 1 |" in text
+
+
+def test_group_statistics_are_drawn_for_runs_that_logged_them(tmp_path):
+    recipe = _run(tmp_path / "recipe", 0.3, with_curves=True)
+    (recipe / "train_metrics.csv").write_text(
+        "step,reward/format_mean,zero_std_all_right_fraction,zero_std_all_wrong_fraction,dynamic/dropped_groups,"
+        "dynamic/sampled_groups\n" + "\n".join(f"{s},0.5,0.25,0.5,{s % 3},6" for s in range(1, 8)))
+    old = _run(tmp_path / "old", 0.1, with_curves=True)  # no group statistics: a line for recipe only
+    paths = write_results([recipe, old], tmp_path / "out")
+    assert "group_statistics.png" in [p.name for p in paths]
+    assert (tmp_path / "out" / "group_statistics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from fingrpo.results import load_runs, plot_group_statistics
+    assert plot_group_statistics(load_runs([old]), tmp_path / "none.png") is None  # nothing logged: no picture
