@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from fingrpo.errors import DataError
 from fingrpo.io import write_text_atomic
 from fingrpo.rewards import REWARD_REGISTRY
-from fingrpo.scoring import ROW_METRICS
+from fingrpo.scoring import ROW_METRICS, mcnemar_p
 
 
 def _pct(value: Any, ci: Sequence[Any] | None = None) -> str:
@@ -264,8 +264,6 @@ def paired_comparisons(runs: dict[str, dict], model: str = "adapter", split: str
     records both predicted: accuracies, records gained (right only in the first run) and lost, and the
     two-sided exact McNemar p-value (twice the one-sided tail of the larger count; 1 with no discordant
     record). The first run is what is being judged (the recipe), the others what it is judged against."""
-    from fingrpo.tracking.registry import mcnemar_p
-
     names = list(runs)
     if len(names) < 2:
         return ""

@@ -316,6 +316,19 @@ def score_prediction(prediction: dict, record: Any, rel_tol: float = 1e-3) -> di
 
 
 # eval.json's per-set accuracies -> the predictions.jsonl row field each is the mean of
+def mcnemar_p(gained: int, lost: int) -> float:
+    """One-sided exact McNemar p-value that the challenger is better: P(X >= gained) for
+    X ~ Binomial(gained + lost, 1/2) (the discordant records); 1.0 with no discordant record.
+
+    >>> mcnemar_p(5, 0), mcnemar_p(1, 3) == 15 / 16, mcnemar_p(0, 0)
+    (0.03125, True, 1.0)
+    """
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(gained, n + 1)) / 2.0 ** n
+
+
 ROW_METRICS = {
     "execution_accuracy": "correct_official",
     "tolerant_accuracy": "correct_tolerant",
@@ -603,4 +616,5 @@ __all__ = [
     "score_files",
     "score_tatqa_files",
     "tatqa_scores",
+    "mcnemar_p",
 ]

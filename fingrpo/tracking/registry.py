@@ -22,7 +22,7 @@ from fingrpo.config import get_dotted, redact_uri
 from fingrpo.errors import ConfigError, DataError, ModelError
 from fingrpo.io import read_json, read_jsonl, write_json_atomic
 from fingrpo.lineage import fingerprint
-from fingrpo.scoring import ROW_METRICS
+from fingrpo.scoring import ROW_METRICS, mcnemar_p
 from fingrpo.tracking.client import MAX_TAG_LEN, Tracker, fluent_uri
 from fingrpo.tracking.runs import current_run, provenance_tags
 from fingrpo.tracking.serving import (
@@ -90,19 +90,6 @@ class Decision:
     promote: bool
     reason: str
     comparison: dict[str, Any] = field(default_factory=dict)
-
-
-def mcnemar_p(gained: int, lost: int) -> float:
-    """One-sided exact McNemar p-value that the challenger is better: P(X >= gained) for
-    X ~ Binomial(gained + lost, 1/2) (the discordant records); 1.0 with no discordant record.
-
-    >>> mcnemar_p(5, 0), mcnemar_p(1, 3) == 15 / 16, mcnemar_p(0, 0)
-    (0.03125, True, 1.0)
-    """
-    n = gained + lost
-    if n == 0:
-        return 1.0
-    return sum(math.comb(n, k) for k in range(gained, n + 1)) / 2.0 ** n
 
 
 RULES = ("mcnemar", "gained_minus_lost")
