@@ -133,6 +133,15 @@ def _panel(ax: Any, frames: dict, column: str, title: str) -> None:
     ax.grid(alpha=0.3)
 
 
+def _save(fig: Any, legend_ax: Any, title: str, path: str | os.PathLike) -> Path:
+    legend_ax.legend(fontsize=8)
+    fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
 # where GRPO's signal goes, per step: (column of train_metrics.csv, panel title); a panel is drawn when a run has it
 GROUP_STATISTICS = (
     ("solved_group_fraction", "groups with a correct completion"),
@@ -161,12 +170,7 @@ def plot_group_statistics(runs: dict[str, dict], path: str | os.PathLike) -> Pat
     for ax, (column, title) in zip(axes, present):
         _panel(ax, frames, column, title)
         ax.set_ylim(-0.03, 1.03)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("GRPO group statistics per step (rolling mean over 5 steps)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, axes[0], "GRPO group statistics per step (rolling mean over 5 steps)", path)
 
 
 def plot_learning_curves(runs: dict[str, dict], path: str | os.PathLike,
@@ -198,12 +202,7 @@ def plot_learning_curves(runs: dict[str, dict], path: str | os.PathLike,
     ax.grid(alpha=0.3)
     for extra in axes[len(present) + 1 :]:
         extra.set_visible(False)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("GRPO learning curves: recipe vs controls")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, axes[0], "GRPO learning curves: recipe vs controls", path)
 
 
 def sample_completions(runs: dict[str, dict], k: int = 6, split: str = "dev") -> str:
