@@ -1,6 +1,7 @@
-"""Greedy evaluation speed: fingrpo's ``generate_completions`` against the previous implementation
-(transformers' ``generate`` on left-padded batches of similar length, the system prompt recomputed for
-every row), side by side on the same records, in one process.
+"""Greedy evaluation speed: fingrpo's evaluation decoding (``generate_completions``, with ``--adapter`` the LoRA
+merged into the weights first) against the previous implementation (transformers' ``generate`` on
+left-padded batches of similar length, the system prompt recomputed for every row, the LoRA unmerged),
+side by side on the same records, in one process.
 
     python bench/greedy_eval.py                        # 48 FinQA dev random-sample records, batch 16, 2 rounds
     python bench/greedy_eval.py --records 32 --rounds 1 --adapter models/adapter
@@ -54,6 +55,19 @@ def previous_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
     return out
 
 
+def fingrpo_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """What ``fingrpo evaluate`` runs: the adapter (if any) merged into the weights, then
+    ``generate_completions``; unmerged again afterwards for the other implementation."""
+    from fingrpo.model import generate_completions, merge_lora
+
+    merge_lora(model)
+    try:
+        return generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, progress=False)
+    finally:
+        if getattr(model, "peft_config", None):
+            model.unmerge_adapter()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=48)
@@ -69,7 +83,7 @@ def main() -> None:
     from fingrpo.config import load_config
     from fingrpo.data.prompts import make_examples, render_prompt
     from fingrpo.data.sources import eval_records, eval_sets
-    from fingrpo.model import generate_completions, load_adapter, load_model_and_tokenizer
+    from fingrpo.model import load_adapter, load_model_and_tokenizer
 
     cfg = load_config(args.params)
     cfg.prompt.retriever = "lexical"
@@ -82,8 +96,8 @@ def main() -> None:
     systems = {
         "previous (generate, padded batches)": lambda: previous_generate(model, tok, prompts, args.max_new_tokens,
                                                                          args.batch_size),
-        "fingrpo (shared prefix, unpadded prefill)": lambda: generate_completions(
-            model, tok, prompts, args.max_new_tokens, args.batch_size, progress=False),
+        "fingrpo (shared prefix, unpadded prefill, LoRA merged)": lambda: fingrpo_generate(
+            model, tok, prompts, args.max_new_tokens, args.batch_size),
     }
     names = list(systems)
     seconds: dict[str, list[float]] = {n: [] for n in names}

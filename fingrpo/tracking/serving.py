@@ -28,7 +28,7 @@ from fingrpo.data.prompts import make_examples, render_prompt
 from fingrpo.data.sources import few_shot_records
 from fingrpo.errors import DataError
 from fingrpo.io import read_json
-from fingrpo.model import generate_completions, load_adapter, load_model_and_tokenizer
+from fingrpo.model import generate_completions, load_adapter, load_model_and_tokenizer, merge_lora
 from fingrpo.tracking.client import one_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -186,7 +186,7 @@ class _FinQAPyfunc:
                             "version holds no 'retriever' artifact")
         self.generation = serving.get("generation", {})
         base, self.tokenizer = load_model_and_tokenizer(self.model_cfg)  # via resolve_model_path: bundled: works
-        self.model = load_adapter(base, context.artifacts["adapter"])
+        self.model = merge_lora(load_adapter(base, context.artifacts["adapter"]))  # as evaluation decodes
         self.model.eval()
         few_shot = serving.get("few_shot_records") or []
         self.few_shot_records = self._records(few_shot, "few_shot_records") if few_shot else None
