@@ -1,7 +1,7 @@
 """Greedy evaluation speed: fingrpo's evaluation decoding (``generate_completions``, with ``--adapter`` the LoRA
-merged into the weights first) against the previous implementation (transformers' ``generate`` on
-left-padded batches of similar length, the system prompt recomputed for every row, the LoRA unmerged),
-side by side on the same records, in one process.
+merged into the weights first; finished prompts leave the decode batch) against the previous implementation
+(transformers' ``generate`` on left-padded batches of similar length, the system prompt recomputed for
+every row, the LoRA unmerged), side by side on the same records, in one process.
 
     python bench/greedy_eval.py                        # 48 FinQA dev random-sample records, batch 16, 2 rounds
     python bench/greedy_eval.py --records 32 --rounds 1 --adapter models/adapter
@@ -96,7 +96,7 @@ def main() -> None:
     systems = {
         "previous (generate, padded batches)": lambda: previous_generate(model, tok, prompts, args.max_new_tokens,
                                                                          args.batch_size),
-        "fingrpo (shared prefix, unpadded prefill, LoRA merged)": lambda: fingrpo_generate(
+        "fingrpo (shared prefix, LoRA merged, done rows dropped)": lambda: fingrpo_generate(
             model, tok, prompts, args.max_new_tokens, args.batch_size),
     }
     names = list(systems)

@@ -362,6 +362,44 @@ def test_batched_decode_equals_one_prompt_at_a_time(lora_model, base_model):
             == sample_groups(lora_model, same, 2, prompts_per_batch=1, **kwargs).completion_token_lists())
 
 
+def test_finished_prompts_leave_the_decode_batch(lora_model, monkeypatch):
+    """A prompt whose rows have all stopped is dropped from the decode batch (fewer rows per forward), and
+    that changes no token: greedy decoding equals each prompt alone, and seeded sampling equals the same
+    draw with the dropping switched off (every row still draws its uniform)."""
+    from fingrpo.grpo import rollout as R
+
+    prompts = _prompts((4, 19, 11, 7, 13, 5, 9, 16), seed=11)
+    eos_ids = list(range(2, 40))  # many stop tokens: prompts finish at different steps
+    rows_fed = []
+    original_compact = R._compact
+
+    def spy(cache, active, finished, mask, positions):
+        out = original_compact(cache, active, finished, mask, positions)
+        rows_fed.append(int(out[0].numel()))
+        return out
+
+    monkeypatch.setattr(R, "_compact", spy)
+    greedy = dict(max_new_tokens=14, temperature=0.0, eos_token_id=eos_ids, pad_token_id=PAD)
+    together = sample_groups(lora_model, prompts, 1, **greedy)
+    assert rows_fed and min(rows_fed) < len(prompts)  # prompts really left the batch
+    assert together.completion_token_lists() == sample_groups(
+        lora_model, prompts, 1, prompts_per_batch=1, **greedy).completion_token_lists()
+    assert together.completion_lengths.min() < together.completion_lengths.max()
+
+    def draw():
+        return sample_groups(lora_model, prompts, 2, max_new_tokens=14, temperature=1.0, eos_token_id=eos_ids,
+                             pad_token_id=PAD, generator=torch.Generator().manual_seed(3))
+
+    rows_fed.clear()
+    dropped = draw()
+    assert min(rows_fed) < len(prompts)
+    monkeypatch.setattr(R, "_compact", lambda cache, active, finished, mask, positions: (active, mask, positions))
+    kept = draw()
+    assert torch.equal(dropped.completion_ids, kept.completion_ids)
+    assert torch.equal(dropped.completion_mask, kept.completion_mask)
+    assert torch.equal(dropped.truncated, kept.truncated)
+
+
 def test_a_shared_prefix_prefilled_once_decodes_as_each_prompt_alone(lora_model, monkeypatch):
     """``share_prefix``: the prefix all prompts start with runs once, each prompt's forward only its own
     tokens (fewer prefill tokens), and greedy decoding gives the same tokens as without sharing; a

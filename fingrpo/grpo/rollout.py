@@ -309,6 +309,10 @@ class _PreallocatedLayer(DynamicLayer):
         self._len = end
         return self.keys, self.values
 
+    def keep_rows_(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (finished prompts leave the decode batch; one copy of the buffer)."""
+        self._k, self._v = self._k.index_select(0, rows), self._v.index_select(0, rows)
+
     def get_seq_length(self) -> int:
         return self._len
 
@@ -435,22 +439,45 @@ def _decode_chunk(model, prompts: list[torch.Tensor], group_size: int, max_new_t
         positions = torch.tensor(lengths, device=device)[:, None].expand(-1, g)  # (P, G): RoPE position of step 0
         logits = torch.cat(first_logits).repeat_interleave(g, dim=0)  # (N, V)
 
-        # 2. decode: one token for all N rows per step; finished rows are fed pad and masked out
+        # 2. decode: one token for all N rows per step; finished rows are fed pad and masked out, and a
+        # prompt whose G rows have all finished leaves the decode batch (see _compact)
         eos = eos.to(device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
+        active = torch.arange(len(prompts), device=device)  # the prompts still in the decode batch
         tokens, masks = [], []
         for step in range(max_new_tokens):
-            sampled = _pick_tokens(logits, temperature, top_p, generator)  # (N,)
+            sampled = _pick_tokens(logits, temperature, top_p, generator)  # (N,): every row draws, dead or not
             sampled = torch.where(done, torch.full_like(sampled, pad_token_id), sampled)
             masks.append(~done)  # 1 up to and including the EOS token
             tokens.append(sampled)
             done = done | torch.isin(sampled, eos)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            out = model(input_ids=sampled.view(-1, g), attention_mask=mask[..., : l_max + (step + 1) * g],
+            active, mask, positions = _compact(cache, active, done.view(-1, g).all(dim=1), mask, positions)
+            out = model(input_ids=sampled.view(-1, g)[active], attention_mask=mask[..., : l_max + (step + 1) * g],
                         position_ids=positions + step, cache=cache, use_cache=True)
-            logits = out.logits.reshape(n, -1)  # (P, G, V) -> (N, V)
+            # (P', G, V) -> the N rows (finished prompts' rows: zeros, never used: they are fed pad)
+            logits = out.logits.new_zeros(len(prompts), g, out.logits.shape[-1])
+            logits[active] = out.logits
+            logits = logits.view(n, -1)
     return torch.stack(tokens, dim=1), torch.stack(masks, dim=1).long(), ~done
+
+
+def _compact(cache, active: torch.Tensor, finished: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+    """Drop finished prompts from the decode batch once a quarter of its rows (or more) have finished.
+
+    ``active``: the prompt indices now in the batch (its rows, in order); ``finished``: per prompt (all
+    prompts), every one of its G rows has stopped. The cache, mask and RoPE positions lose the finished
+    rows (one copy of the cache each time: waiting for a quarter bounds the copies at a few per decode,
+    while each later step runs on fewer rows). The rows left compute the same function as before: a
+    row's attention reads its own cache row only."""
+    gone = finished[active]
+    if not bool(gone.any()) or 4 * int(gone.sum()) < active.numel():
+        return active, mask, positions
+    keep = (~gone).nonzero().squeeze(1)
+    for layer in _attention_layers(cache):
+        layer.keep_rows_(keep)
+    return active[keep], mask[keep], positions[keep]
 
 
 def sample_groups(
