@@ -257,7 +257,7 @@ def _argv(entry: str, ws: Workspace, model_path: Path, adapter: Path | None, dat
     tiny = [
         f"model.name_or_path={model_path}", "tracking.enabled=false", "prompt.few_shot=0", "prompt.retriever=lexical",
         f"data.provenance_path={PROVENANCE}", f"data.test_path={ws.good}",
-        "data.train_sources=null", "data.eval_sets=null",  # FinQA alone: the files under test
+        "data.train_sources=null", "data.eval_sets=null", "train.train_sources=null",  # FinQA alone: the files under test
     ]
     sets = lambda items: [x for item in items for x in ("--set", item)]  # noqa: E731
     if entry == "validate":
@@ -487,7 +487,7 @@ def test_bad_input_stops_the_prefect_flow_before_training(name, tmp_path, base_r
     case = next(c for c in CASES if c.name == name)
     ws = _workspace(tmp_path, base_records, case)
     sets = [f"data.train_path={ws.bad}", f"data.dev_path={ws.good}", f"data.test_path={ws.good}",
-            "data.train_sources=null", "data.eval_sets=null",  # FinQA alone: the file under test
+            "data.train_sources=null", "data.eval_sets=null", "train.train_sources=null",  # FinQA alone
             f"model.name_or_path={tiny_model_path}", "pipeline.data_docs=false", "prompt.retriever=lexical",
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -68,6 +68,7 @@ def _tiny_params(work: Path, data_dir: Path, model: Path) -> Path:
     (data / "provenance.json").write_text((data_dir / "provenance.json").read_text(encoding="utf-8"), encoding="utf-8")
     params["data"]["provenance_path"] = str(data / "provenance.json")
     params["data"].update(train_sources=None, eval_sets=None)  # FinQA alone
+    params["train"]["train_sources"] = None
     params["model"]["name_or_path"] = str(model)
     params["prompt"].update(few_shot=0, max_prompt_tokens=256, retriever="lexical")
     params["train"].update(max_steps=2, prompts_per_step=1, group_size=2, max_new_tokens=8, warmup_steps=0,

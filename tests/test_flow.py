@@ -60,7 +60,7 @@ def work(tmp_path_factory, data_dir, tiny_model_path):
         "prompt": {"few_shot": 0, "max_prompt_tokens": 256, "retriever_dir": str(models / "retriever")},  # retrieved
         "retriever": {"epochs": 0.5, "candidates": 6, "max_length": 64, "summary_path": str(reports / "retriever.json")},
         "train": {"max_steps": 2, "prompts_per_step": 1, "group_size": 2, "max_new_tokens": 8, "warmup_steps": 0,
-                  "init_adapter": str(models / "sft"), "save_interval": 1, "eval_interval": 2, "eval_subset_size": 2, "num_samples_to_log": 1,
+                  "init_adapter": str(models / "sft"), "train_sources": None, "save_interval": 1, "eval_interval": 2, "eval_subset_size": 2, "num_samples_to_log": 1,
                   "output_dir": str(models / "adapter"), "checkpoint_dir": str(models / "checkpoints"),
                   "metrics_path": str(reports / "train_metrics.csv"),
                   "rollout_rewards_path": str(reports / "rollout_rewards.jsonl")},

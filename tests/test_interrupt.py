@@ -49,6 +49,7 @@ def _argv(model: Path, data: Path, resume: bool = False) -> list[str]:
     sets = [
         f"model.name_or_path={model}", "tracking.enabled=false", "prompt.few_shot=0", "prompt.retriever=lexical",
         f"data.train_path={data}", f"data.dev_path={data}", "data.train_sources=null", "data.eval_sets=null",
+        "train.train_sources=null",
         f"train.max_steps={MAX_STEPS}",
         f"train.save_interval={SAVE_INTERVAL}", "train.prompts_per_step=2", "train.group_size=4",
         "train.max_new_tokens=16", "train.eval_interval=1000", "train.threads=1", "train.keep_checkpoints=10",

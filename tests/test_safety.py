@@ -289,7 +289,7 @@ def test_resume_from_poisoned_checkpoint_runs_no_code(tiny_model_path, tmp_path,
     (tmp_path / "train.json").write_text(json.dumps(records))
     sets = [f"model.name_or_path={tiny_model_path}", "tracking.enabled=false", "prompt.few_shot=0", "prompt.retriever=lexical",
             f"data.train_path={tmp_path / 'train.json'}", f"data.dev_path={tmp_path / 'train.json'}",
-            "data.train_sources=null", "data.eval_sets=null",
+            "data.train_sources=null", "data.eval_sets=null", "train.train_sources=null",
             "train.max_steps=2", "train.prompts_per_step=1", "train.group_size=2", "train.max_new_tokens=4",
             "train.save_interval=1", "train.eval_interval=100", "train.threads=1", "train.warmup_steps=0",
             "train.init_adapter=null"]

@@ -224,7 +224,7 @@ def test_cli_sft_bundled_smollm2(tmp_path, data_dir):
     cmd = [
         sys.executable, "-m", "fingrpo", "sft", "--params", str(ROOT / "params.yaml"),
         "--set", f"data.train_path={data_dir / 'train.json'}", "--set", "train.max_train_records=4",
-        "--set", "data.train_sources=null", "--set", "prompt.retriever=lexical",
+        "--set", "data.train_sources=null", "--set", "train.train_sources=null", "--set", "prompt.retriever=lexical",
         "--set", "sft.epochs=1", "--set", "sft.batch_size=2", "--set", "train.threads=2",
         "--set", f"sft.output_dir={out / 'sft'}", "--set", f"sft.metrics_path={out / 'sft.csv'}",
         "--set", f"sft.summary_path={out / 'sft.json'}",

@@ -59,6 +59,7 @@ def _tiny_params(project: Path, model: Path) -> None:
     """The project's params.yaml, made tiny the way a team would commit a smoke-test config."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"].update(train_sources=None, eval_sets=None)  # FinQA alone: data version 1 has no TAT-QA
+    params["train"]["train_sources"] = None
     params["model"]["name_or_path"] = str(model)
     params["prompt"].update(few_shot=0, max_prompt_tokens=256, retriever="lexical")  # the retriever: test_serve, test_flow
     params["sft"].update(epochs=1, batch_size=16)

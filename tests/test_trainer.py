@@ -397,7 +397,7 @@ def test_cli_train_bundled_smollm2_two_steps(tmp_path, data_dir):
         "train.warmup_steps=0", "train.threads=2", "prompt.context_mode=gold", "prompt.few_shot=1",
         "tracking.enabled=false", "train.init_adapter=null",
         f"data.train_path={data_dir / 'train.json'}", f"data.dev_path={data_dir / 'dev.json'}",
-        "data.train_sources=null", "data.eval_sets=null",
+        "data.train_sources=null", "data.eval_sets=null", "train.train_sources=null",
         f"data.test_path={data_dir / 'test.json'}", f"data.provenance_path={data_dir / 'provenance.json'}",
     ]:
         cmd += ["--set", item]
