@@ -88,6 +88,16 @@ def test_params_yaml_trains_and_evaluates_on_both_datasets():
                                "prepared/tatqa_train.json", "prepared/tatqa_dev.json"]
 
 
+def test_the_compute_matched_warm_start_supervises_on_grpos_own_pool():
+    # experiments/results.sh's control: the warm start trained on the prompts GRPO trains on (no other records)
+    script = (ROOT / "experiments" / "results.sh").read_text()
+    pool = next(line for line in script.splitlines() if line.startswith("MATCHED_POOL="))
+    matched = load_config(ROOT / "params.yaml", [pool.split("=", 1)[1].strip("'")])
+    grpo = train_sources(load_config(ROOT / "params.yaml"), "grpo")
+    assert [(s.name, s.path, s.max_records) for s in train_sources(matched, "sft")] == [
+        (s.name, s.path, s.max_records) for s in grpo]
+
+
 @pytest.mark.parametrize("tree, message", [
     ({"eval_sets": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "names must be unique"),
     ({"eval_sets": [{"name": "pooled", "path": "x"}]}, "'pooled' is the name of the pooled figure"),
