@@ -122,12 +122,18 @@ def _train_frames(runs: dict[str, dict]) -> dict:
             if (run["folder"] / "train_metrics.csv").is_file()}
 
 
-def _panel(ax: Any, frames: dict, column: str, title: str) -> None:
+def _colors(runs: dict[str, dict]) -> dict[str, str]:
+    """One colour per run, the same in every panel of a figure (the order the runs were given)."""
+    return {name: f"C{i % 10}" for i, name in enumerate(runs)}
+
+
+def _panel(ax: Any, frames: dict, column: str, title: str, colors: dict[str, str]) -> None:
     """One line per run of ``column`` against the GRPO step (rolling mean over 5 steps)."""
     for name, frame in frames.items():
         if column in frame.columns:
             data = frame[["step", column]].dropna()
-            ax.plot(data["step"], data[column].rolling(5, min_periods=1, center=True).mean(), lw=1.6, label=name)
+            ax.plot(data["step"], data[column].rolling(5, min_periods=1, center=True).mean(), lw=1.6, label=name,
+                    color=colors[name])
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("GRPO step")
     ax.grid(alpha=0.3)
@@ -168,7 +174,7 @@ def plot_group_statistics(runs: dict[str, dict], path: str | os.PathLike) -> Pat
     fig = Figure(figsize=(3.6 * len(present), 3.4), dpi=110, layout="constrained")
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     for ax, (column, title) in zip(axes, present):
-        _panel(ax, frames, column, title)
+        _panel(ax, frames, column, title, _colors(runs))
         ax.set_ylim(-0.03, 1.03)
     return _save(fig, axes[0], "GRPO group statistics per step (rolling mean over 5 steps)", path)
 
@@ -176,12 +182,20 @@ def plot_group_statistics(runs: dict[str, dict], path: str | os.PathLike) -> Pat
 def plot_learning_curves(runs: dict[str, dict], path: str | os.PathLike,
                          terms: Sequence[str] = LEARNING_CURVE_TERMS) -> Path | None:
     """One panel per reward term (its per-step mean during GRPO; rolling mean over 5 steps), one line per
-    run that has ``train_metrics.csv``; the last panel is the warm start's loss. None when no run trained."""
+    run that has ``train_metrics.csv``; the last panel is the warm start's loss of every run that has
+    ``sft_metrics.csv`` (its own legend: those need not be the runs that ran GRPO). A run keeps its colour
+    in every panel. None when no run trained."""
+    fig = _learning_curves_figure(runs, terms)
+    return None if fig is None else _save(fig, fig.axes[0], "GRPO learning curves: recipe vs controls", path)
+
+
+def _learning_curves_figure(runs: dict[str, dict], terms: Sequence[str]) -> Any:
     from matplotlib.figure import Figure
 
     frames = _train_frames(runs)
     if not frames:
         return None
+    colors = _colors(runs)
     present = [t for t in terms if any(f"reward/{t}_mean" in f.columns for f in frames.values())]
     n = len(present) + 1
     cols = 3
@@ -189,20 +203,23 @@ def plot_learning_curves(runs: dict[str, dict], path: str | os.PathLike,
     fig = Figure(figsize=(12, 3.2 * rows + 0.6), dpi=110, layout="constrained")
     axes = [ax for row in fig.subplots(rows, cols, squeeze=False) for ax in row]
     for ax, term in zip(axes, present):
-        _panel(ax, frames, f"reward/{term}_mean", f"{term} (mean over rollouts)")
+        _panel(ax, frames, f"reward/{term}_mean", f"{term} (mean over rollouts)", colors)
     ax = axes[len(present)]
     for name, run in runs.items():
         sft_csv = run["folder"] / "sft_metrics.csv"
         if sft_csv.is_file():
             rows_ = [r for r in _read_csv(sft_csv) if r.get("loss")]
             if rows_:
-                ax.plot([int(r["step"]) for r in rows_], [float(r["loss"]) for r in rows_], lw=1.2, label=name)
+                ax.plot([int(r["step"]) for r in rows_], [float(r["loss"]) for r in rows_], lw=1.2, label=name,
+                        color=colors[name])
     ax.set_title("warm start: reply cross-entropy")
     ax.set_xlabel("SFT step")
     ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
     for extra in axes[len(present) + 1 :]:
         extra.set_visible(False)
-    return _save(fig, axes[0], "GRPO learning curves: recipe vs controls", path)
+    return fig
 
 
 def sample_completions(runs: dict[str, dict], k: int = 6, split: str = "dev") -> str:

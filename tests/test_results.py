@@ -120,3 +120,23 @@ def test_group_statistics_are_drawn_for_runs_that_logged_them(tmp_path):
     assert (tmp_path / "out" / "group_statistics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from fingrpo.results import load_runs, plot_group_statistics
     assert plot_group_statistics(load_runs([old]), tmp_path / "none.png") is None  # nothing logged: no picture
+
+
+def test_a_run_keeps_its_colour_in_every_panel_and_the_warm_start_panel_names_its_runs(tmp_path):
+    # the compute-matched warm start has sft_metrics.csv but no GRPO: its loss line must not take the colour
+    # GRPO's recipe has in the reward panels, and the loss panel says whose line is whose
+    from fingrpo.results import _learning_curves_figure, load_runs
+
+    recipe = _run(tmp_path / "recipe", 0.3, with_curves=True)
+    (recipe / "sft_metrics.csv").unlink()          # GRPO only
+    matched = _run(tmp_path / "compute-matched", 0.2, with_curves=False)
+    (matched / "sft_metrics.csv").write_text("step,epoch,loss\n1,1,1.2\n2,1,0.8\n3,2,0.6\n")
+    fig = _learning_curves_figure(load_runs([recipe, matched]), ["program_execution", "format"])
+    colour = {}
+    for ax in fig.axes:
+        for line in ax.lines:
+            colour.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colour) == {"recipe", "compute-matched"}
+    assert all(len(c) == 1 for c in colour.values()) and colour["recipe"] != colour["compute-matched"]
+    loss_ax = next(ax for ax in fig.axes if ax.get_title().startswith("warm start"))
+    assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["compute-matched"]
