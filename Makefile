@@ -44,7 +44,7 @@ data: install
 run: data
 	$(VENV)/bin/dvc repro
 
-# the full recipe (README; ~75 min on 2 cores): params.yaml is its quick profile; these are the knobs that differ.
+# the full recipe (README; 80 min on 2 cores, measured): params.yaml is its quick profile; these are the knobs that differ.
 # A DVC experiment of the default (`dvc exp show` puts the two side by side); params.yaml keeps the values
 # afterwards (`git checkout params.yaml` returns to the quick profile)
 FULL_RECIPE := -S retriever.epochs=1.0 -S train.max_steps=60 -S evaluate.oracle_gold=true
