@@ -173,8 +173,9 @@ def plot_group_statistics(runs: dict[str, dict], path: str | os.PathLike) -> Pat
         return None
     fig = Figure(figsize=(3.6 * len(present), 3.4), dpi=110, layout="constrained")
     axes = fig.subplots(1, len(present), squeeze=False)[0]
+    colors = _colors(runs)
     for ax, (column, title) in zip(axes, present):
-        _panel(ax, frames, column, title, _colors(runs))
+        _panel(ax, frames, column, title, colors)
         ax.set_ylim(-0.03, 1.03)
     return _save(fig, axes[0], "GRPO group statistics per step (rolling mean over 5 steps)", path)
 
